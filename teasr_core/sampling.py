@@ -1,0 +1,149 @@
+"""Flow-map sampling: schedules are data, samplers are small pure functions of (denoise, x, sigmas).
+
+Rectified flow: x_sigma = (1 - sigma) x0 + sigma eps, sigma in [0, 1]. The network F(x, sigma, target)
+is the average velocity from sigma to target, so one call jumps: x_target = x - (sigma - target) F.
+`denoise` below is the network with the LR condition (and context) already bound.
+"""
+from __future__ import annotations
+
+import hashlib
+from typing import Callable, Sequence
+
+import torch
+
+Denoise = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+StepCallback = Callable[[int, torch.Tensor], None]
+MODES = ("jump", "flowmap", "renoise")
+MAX_STEPS = 50
+
+
+# ---- schedules --------------------------------------------------------------------------------
+def shifted_sigmas(steps: int, shift: float = 1.0, start: float = 1.0) -> torch.Tensor:
+    """steps + 1 sigmas from `start` down to 0 on a time-shifted uniform grid (shift > 1: more high-noise)."""
+    if not 1 <= steps <= MAX_STEPS:
+        raise ValueError(f"steps must be in 1..{MAX_STEPS}, got {steps}")
+    if not 0 < start <= 1:
+        raise ValueError(f"start strength must be in (0, 1], got {start}")
+    if shift <= 0:
+        raise ValueError(f"shift must be > 0, got {shift}")
+    t = torch.linspace(start, 0, steps + 1, dtype=torch.float64)
+    return (shift * t / (1 + (shift - 1) * t)).float()
+
+
+def sigmas_from_timesteps(timesteps: Sequence[float] | str) -> torch.Tensor:
+    """Explicit timesteps on the 0..1000 scale ("999,750,500,250" or a list) -> sigmas ending at 0."""
+    if isinstance(timesteps, str):
+        try:
+            timesteps = [float(t) for t in timesteps.replace(" ", "").split(",") if t]
+        except ValueError:
+            raise ValueError(f"timesteps must be comma-separated numbers in (0, 1000], got {timesteps!r}") from None
+    ts = [float(t) for t in timesteps]
+    if not 1 <= len(ts) <= MAX_STEPS:
+        raise ValueError(f"give 1..{MAX_STEPS} timesteps, got {len(ts)}")
+    if any(not 0 < t <= 1000 for t in ts) or any(a <= b for a, b in zip(ts, ts[1:])):
+        raise ValueError(f"timesteps must be strictly decreasing values in (0, 1000], got {ts}")
+    return torch.tensor([t / 1000 for t in ts] + [0.0])
+
+
+# ---- noise as a function of position ------------------------------------------------------------
+NOISE_CELL = 32  # latent pixels per side of one independently seeded noise cell
+
+
+def _cell_seed(*key: int) -> int:
+    return int.from_bytes(hashlib.blake2b(repr(key).encode(), digest_size=8).digest(), "little") >> 1
+
+
+def noise_field(seed: int, stream: int, batch_index: int, channels: int, y0: int, x0: int, h: int, w: int,
+                device=None, dtype=torch.float32) -> torch.Tensor:
+    """Gaussian noise [channels, h, w] for the latent window at (y0, x0), a pure function of position.
+
+    Each NOISE_CELL x NOISE_CELL cell of the infinite latent plane has its own generator seeded by
+    (seed, stream, batch index, cell), so any tiling, tile order, batch size or device sees the same
+    noise at the same place. `stream` separates the initial noise (0) from per-step re-noising (1 + i).
+    """
+    out = torch.empty(channels, h, w)
+    for cy in range(y0 // NOISE_CELL, (y0 + h - 1) // NOISE_CELL + 1):
+        for cx in range(x0 // NOISE_CELL, (x0 + w - 1) // NOISE_CELL + 1):
+            g = torch.Generator().manual_seed(_cell_seed(seed, stream, batch_index, cy, cx))
+            cell = torch.randn(channels, NOISE_CELL, NOISE_CELL, generator=g)
+            ys, xs = max(y0, cy * NOISE_CELL), max(x0, cx * NOISE_CELL)
+            ye, xe = min(y0 + h, (cy + 1) * NOISE_CELL), min(x0 + w, (cx + 1) * NOISE_CELL)
+            out[:, ys - y0:ye - y0, xs - x0:xe - x0] = cell[:, ys - cy * NOISE_CELL:ye - cy * NOISE_CELL,
+                                                            xs - cx * NOISE_CELL:xe - cx * NOISE_CELL]
+    return out.to(device=device, dtype=dtype)
+
+
+def batch_noise(seed: int, stream: int, like: torch.Tensor) -> torch.Tensor:
+    """Noise shaped like `like` [B, C, h, w]; image b of the batch uses key (seed, stream, b)."""
+    b, c, h, w = like.shape
+    return torch.stack([noise_field(seed, stream, i, c, 0, 0, h, w) for i in range(b)]).to(like.device, like.dtype)
+
+
+# ---- samplers -----------------------------------------------------------------------------------
+def _full(sigma: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return sigma.to(device=x.device, dtype=torch.float32).expand(x.shape[0])
+
+
+def flow_map_step(denoise: Denoise, x: torch.Tensor, sigma: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """One call of the flow map: x_target = x - (sigma - target) F(x, sigma, target)."""
+    return x - (sigma - target).to(x.dtype) * denoise(x, _full(sigma, x), _full(target, x))
+
+
+def sample_jump(denoise: Denoise, x: torch.Tensor, sigmas: torch.Tensor,
+                callback: StepCallback | None = None) -> torch.Tensor:
+    """Deterministic: every step predicts the jump to 0, then takes an Euler step to the next sigma."""
+    zero = torch.zeros(())
+    for i in range(len(sigmas) - 1):
+        velocity = denoise(x, _full(sigmas[i], x), _full(zero, x))
+        x = x + (sigmas[i + 1] - sigmas[i]).to(x.dtype) * velocity
+        if callback:
+            callback(i, x)
+    return x
+
+
+def sample_flowmap(denoise: Denoise, x: torch.Tensor, sigmas: torch.Tensor,
+                   callback: StepCallback | None = None) -> torch.Tensor:
+    """Deterministic: every step jumps straight to the next sigma with the flow map."""
+    for i in range(len(sigmas) - 1):
+        x = flow_map_step(denoise, x, sigmas[i], sigmas[i + 1])
+        if callback:
+            callback(i, x)
+    return x
+
+
+def sample_renoise(denoise: Denoise, x: torch.Tensor, sigmas: torch.Tensor,
+                   noise: Callable[[int], torch.Tensor], stochasticity: float = 1.0,
+                   callback: StepCallback | None = None) -> torch.Tensor:
+    """TwinFlow-style: predict (x0, eps) with a jump to 0, then re-noise to the next sigma.
+
+    The new noise mixes the predicted eps and fresh noise(i): sqrt(1 - s) eps_hat + sqrt(s) n.
+    """
+    if not 0 <= stochasticity <= 1:
+        raise ValueError(f"stochasticity must be in [0, 1], got {stochasticity}")
+    zero = torch.zeros(())
+    for i in range(len(sigmas) - 1):
+        sigma, nxt = sigmas[i].to(x.dtype), sigmas[i + 1].to(x.dtype)
+        velocity = denoise(x, _full(sigmas[i], x), _full(zero, x))
+        x0 = x - sigma * velocity
+        eps = x + (1 - sigma) * velocity
+        if nxt > 0:
+            eps = (1 - stochasticity) ** 0.5 * eps + stochasticity ** 0.5 * noise(i)
+        x = (1 - nxt) * x0 + nxt * eps
+        if callback:
+            callback(i, x)
+    return x
+
+
+def sample(denoise: Denoise, x: torch.Tensor, sigmas: torch.Tensor, mode: str = "jump", *,
+           noise: Callable[[int], torch.Tensor] | None = None, stochasticity: float = 1.0,
+           callback: StepCallback | None = None) -> torch.Tensor:
+    """Dispatch on the sampler `mode` (one of MODES); x starts at sigmas[0]."""
+    if mode == "jump":
+        return sample_jump(denoise, x, sigmas, callback)
+    if mode == "flowmap":
+        return sample_flowmap(denoise, x, sigmas, callback)
+    if mode == "renoise":
+        if noise is None:
+            raise ValueError("mode 'renoise' needs a noise(step) function")
+        return sample_renoise(denoise, x, sigmas, noise, stochasticity, callback)
+    raise ValueError(f"unknown sampler mode {mode!r}; choose one of {MODES}")
