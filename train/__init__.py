@@ -1,0 +1,1 @@
+"""TEASR trainer: data pipeline, degradations and the training loop (imports teasr_core, never ComfyUI)."""
