@@ -1,0 +1,169 @@
+"""TAEF2: the tiny autoencoder for FLUX.2-space latents (32 channels, 1/8 resolution) used as a codec.
+
+The network is written here from the layer layout in `shared/weights/README.md`; the weights are
+madebyollin's `taef2_encoder` / `taef2_decoder` (github.com/madebyollin/taesd, MIT), stored as fp16
+safetensors. It gives the model a 64x smaller space than pixels at ~36 dB round-trip PSNR, with a
+decoder cheap enough to back-propagate pixel losses through during training.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file
+
+from .codecs import check_image
+
+REPO = Path(__file__).resolve().parents[1]
+WEIGHT_FILES = ("taef2_encoder.safetensors", "taef2_decoder.safetensors")
+
+# Per-channel mean / std of raw TAEF2 latents of real photos, used to normalise them to ~N(0, 1).
+# Measured once (fp32, CPU) over 40 images of shared/data/train_pool (every 12th file of the 480,
+# sorted by "subfolder/name" across bsds500_test, bsds500_train, sun_hays80), 4 random 256x256 crops
+# each (one torch.Generator seeded 0, per crop top = randint(0, H - 255) then left = randint(0, W - 255);
+# RGB in [0, 1]), i.e. 160 crops -> 160 * 32 * 32 latent pixels per channel; population mean / std
+# pooled over all of them in float64. Raw values seen: -5.6..5.8.
+LATENT_MEAN = (
+     0.0065, -0.0063, -0.1079,  0.0103,  0.0842,  0.1330, -0.0319,  0.0050,
+     0.0252, -0.0368,  0.0784, -0.0309,  0.0653,  0.0502,  0.1535,  0.0841,
+     0.0705,  0.1736, -0.0618, -0.0373,  0.0055,  0.0879, -0.0118, -0.0965,
+     0.1477, -0.0328,  0.0731,  0.0367,  0.1597,  0.1793,  0.0287,  0.0037,
+)
+LATENT_STD = (
+     0.7338,  1.0202,  0.9545,  0.9216,  0.7232,  0.9742,  0.9027,  0.8156,
+     0.9107,  0.6260,  0.6603,  1.0130,  0.7309,  0.6682,  0.9101,  0.9630,
+     0.7696,  0.6716,  0.7376,  1.0093,  0.7364,  0.6858,  0.7849,  0.6860,
+     0.9610,  0.7481,  0.9727,  0.8468,  0.7979,  0.9706,  0.7752,  0.9702,
+)
+
+
+class Clamp(nn.Module):
+    """Soft clamp 3 * tanh(x / 3): keeps out-of-range latents from blowing up the decoder."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(x / 3) * 3
+
+
+def conv3x3(n_in: int, n_out: int, stride: int = 1, bias: bool = True) -> nn.Conv2d:
+    return nn.Conv2d(n_in, n_out, 3, stride=stride, padding=1, bias=bias)
+
+
+class Block(nn.Module):
+    """Residual block relu(conv-relu-conv-relu-conv(x) + x) on 64 channels.
+
+    `mid` blocks (at 1/8 resolution) first add a 1x1 bottleneck with GroupNorm, x = x + pool(x),
+    which gives the lowest level some normalised, channel-mixing capacity.
+    """
+
+    def __init__(self, channels: int = 64, mid: bool = False):
+        super().__init__()
+        self.conv = nn.Sequential(conv3x3(channels, channels), nn.ReLU(),
+                                  conv3x3(channels, channels), nn.ReLU(),
+                                  conv3x3(channels, channels))
+        self.pool = nn.Sequential(nn.Conv2d(channels, 4 * channels, 1, bias=False),
+                                  nn.GroupNorm(4, 4 * channels), nn.ReLU(),
+                                  nn.Conv2d(4 * channels, channels, 1, bias=False)) if mid else None
+        self.fuse = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pool is not None:
+            x = x + self.pool(x)
+        return self.fuse(self.conv(x) + x)
+
+
+def make_encoder(latent_channels: int = 32, width: int = 64) -> nn.Sequential:
+    """[B, 3, H, W] in [0, 1] -> raw latent [B, 32, H/8, W/8]. Indices match the weight keys."""
+    return nn.Sequential(
+        conv3x3(3, width), Block(width),                                                   # 0-1
+        conv3x3(width, width, stride=2, bias=False), Block(width), Block(width), Block(width),  # 2-5
+        conv3x3(width, width, stride=2, bias=False), Block(width), Block(width), Block(width),  # 6-9
+        conv3x3(width, width, stride=2, bias=False),                                       # 10
+        Block(width, mid=True), Block(width, mid=True), Block(width, mid=True),             # 11-13
+        conv3x3(width, latent_channels),                                                   # 14
+    )
+
+
+def make_decoder(latent_channels: int = 32, width: int = 64) -> nn.Sequential:
+    """Raw latent [B, 32, h, w] -> image [B, 3, 8h, 8w], roughly in [0, 1] (not clamped)."""
+    return nn.Sequential(
+        Clamp(), conv3x3(latent_channels, width), nn.ReLU(),                                # 0-2
+        Block(width, mid=True), Block(width, mid=True), Block(width, mid=True),             # 3-5
+        nn.Upsample(scale_factor=2), conv3x3(width, width, bias=False),                     # 6-7
+        Block(width), Block(width), Block(width),                                          # 8-10
+        nn.Upsample(scale_factor=2), conv3x3(width, width, bias=False),                     # 11-12
+        Block(width), Block(width), Block(width),                                          # 13-15
+        nn.Upsample(scale_factor=2), conv3x3(width, width, bias=False),                     # 16-17
+        Block(width), conv3x3(width, 3),                                                   # 18-19
+    )
+
+
+def default_weights_dir() -> Path:
+    """$TEASR_TAEF2_DIR, else the shared weights folder next to the repository."""
+    env = os.environ.get("TEASR_TAEF2_DIR")
+    return Path(env) if env else REPO.parent / "shared" / "weights" / "taef2"
+
+
+def load_strict(net: nn.Module, path: Path) -> None:
+    """Load a safetensors file into `net`, naming any missing / unexpected keys; fp16 -> fp32 on CPU."""
+    state = {k: v.float() for k, v in load_file(str(path), device="cpu").items()}
+    expected = set(net.state_dict())
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise ValueError(f"{path} does not match the TAEF2 layout: missing keys {missing}, "
+                         f"unexpected keys {unexpected}")
+    net.load_state_dict(state, strict=True)
+
+
+class TAEF2Codec:
+    """Frozen TAEF2 encoder/decoder with per-channel latent normalisation (see `Codec` in codecs.py).
+
+    Inputs are moved to the codec's device/dtype; outputs stay there. The nets have no trainable
+    parameters, but `decode` is an ordinary differentiable function of its input.
+    """
+
+    name = "taef2"
+    channels = 32
+    scale = 8
+
+    def __init__(self, weights_dir: str | Path | None = None, device: str | torch.device = "cpu",
+                 dtype: torch.dtype = torch.float32, latent_mean=None, latent_std=None):
+        weights_dir = Path(weights_dir) if weights_dir is not None else default_weights_dir()
+        paths = [weights_dir / f for f in WEIGHT_FILES]
+        absent = [p.name for p in paths if not p.is_file()]
+        if absent:
+            raise FileNotFoundError(
+                f"TAEF2 weights not found: {', '.join(absent)} missing in {weights_dir}. Put "
+                f"taef2_encoder.safetensors and taef2_decoder.safetensors there (or point TEASR_TAEF2_DIR "
+                f"/ weights_dir at their folder); they are the taef2 weights of "
+                f"github.com/madebyollin/taesd (MIT), converted to safetensors.")
+        self.device, self.dtype = torch.device(device), dtype
+        self.encoder, self.decoder = make_encoder(self.channels), make_decoder(self.channels)
+        for net, path in zip((self.encoder, self.decoder), paths):
+            load_strict(net, path)
+            net.requires_grad_(False).eval().to(self.device, dtype)
+        mean = LATENT_MEAN if latent_mean is None else latent_mean
+        std = LATENT_STD if latent_std is None else latent_std
+        self.latent_mean = torch.as_tensor(mean, dtype=dtype, device=self.device).reshape(1, -1, 1, 1)
+        self.latent_std = torch.as_tensor(std, dtype=dtype, device=self.device).reshape(1, -1, 1, 1)
+        if self.latent_mean.shape[1] != self.channels or self.latent_std.shape[1] != self.channels:
+            raise ValueError(f"latent_mean / latent_std need {self.channels} values each, got "
+                             f"{self.latent_mean.shape[1]} / {self.latent_std.shape[1]}")
+
+    def encode(self, image: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] in [0, 1] (H, W multiples of 8) -> normalised latent [B, 32, H/8, W/8]."""
+        check_image(image, self.scale)
+        raw = self.encoder(image.to(self.device, self.dtype))
+        return (raw - self.latent_mean) / self.latent_std
+
+    def decode(self, latent: torch.Tensor) -> torch.Tensor:
+        """Normalised latent [B, 32, h, w] -> image [B, 3, 8h, 8w] clamped to [0, 1].
+
+        The hard clamp passes no gradient through pixels the decoder puts outside [0, 1]; those
+        are rare and small overshoots, and the codec contract is an image in [0, 1].
+        """
+        if latent.ndim != 4 or latent.shape[1] != self.channels:
+            raise ValueError(f"expected a latent [B, {self.channels}, h, w], got shape {tuple(latent.shape)}")
+        raw = latent.to(self.device, self.dtype) * self.latent_std + self.latent_mean
+        return self.decoder(raw).clamp(0, 1)

@@ -1,0 +1,109 @@
+"""Codecs: the pixel codec is exactly invertible; TAEF2 loads strictly, round-trips real photos well,
+gives roughly unit-normal latents and back-propagates through decode."""
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from teasr_core.codecs import Codec, PixelCodec, build_codec
+from teasr_core.taef2 import TAEF2Codec
+
+SHARED = Path(os.environ.get("TEASR_SHARED", Path(__file__).resolve().parents[1].parent / "shared"))
+TAEF2_DIR = SHARED / "weights" / "taef2"
+needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason=f"shared folder {SHARED} absent")
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-image PSNR [B] of images in [0, 1]."""
+    return -10 * torch.log10(((a - b) ** 2).mean((1, 2, 3)))
+
+
+@pytest.mark.parametrize("scale", [1, 4, 8])
+def test_pixel_round_trip_is_exact(scale):
+    codec = PixelCodec(scale)
+    image = torch.rand(2, 3, 16, 24, generator=torch.Generator().manual_seed(0))
+    latent = codec.encode(image)
+    assert latent.shape == (2, 3 * scale * scale, 16 // scale, 24 // scale)
+    assert torch.allclose(codec.decode(latent), image, atol=1e-6, rtol=0)
+
+
+def test_pixel_rejects_bad_inputs():
+    codec = build_codec("pixel", scale=8)
+    assert isinstance(codec, Codec)
+    with pytest.raises(ValueError, match="multiple of the codec scale 8"):
+        codec.encode(torch.rand(1, 3, 30, 32))
+    with pytest.raises(ValueError, match="RGB"):
+        codec.encode(torch.rand(1, 4, 32, 32))
+    with pytest.raises(ValueError, match="unknown codec"):
+        build_codec("sdxl")
+
+
+def test_taef2_missing_weights_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("TEASR_TAEF2_DIR", str(tmp_path / "nowhere"))
+    with pytest.raises(FileNotFoundError) as err:
+        TAEF2Codec()
+    message = str(err.value)
+    assert str(tmp_path / "nowhere") in message
+    assert "taef2_encoder.safetensors" in message and "taef2_decoder.safetensors" in message
+    assert "madebyollin/taesd" in message
+
+
+@pytest.fixture(scope="module")
+def taef2():
+    if not SHARED.is_dir():
+        pytest.skip(f"shared folder {SHARED} absent")
+    return build_codec("taef2", weights_dir=TAEF2_DIR)
+
+
+@needs_shared
+def test_taef2_loads_strictly(taef2, tmp_path):
+    assert isinstance(taef2, Codec) and (taef2.name, taef2.channels, taef2.scale) == ("taef2", 32, 8)
+    for net, part in ((taef2.encoder, "encoder"), (taef2.decoder, "decoder")):
+        state = load_file(str(TAEF2_DIR / f"taef2_{part}.safetensors"))
+        assert set(net.state_dict()) == set(state)
+        assert all(torch.equal(net.state_dict()[k], v.float()) for k, v in state.items())
+        assert not any(p.requires_grad for p in net.parameters())
+    # A file with one key renamed is refused, naming both the missing and the unexpected key.
+    state = load_file(str(TAEF2_DIR / "taef2_encoder.safetensors"))
+    state["14.weight_renamed"] = state.pop("14.weight")
+    save_file(state, str(tmp_path / "taef2_encoder.safetensors"))
+    (tmp_path / "taef2_decoder.safetensors").write_bytes((TAEF2_DIR / "taef2_decoder.safetensors").read_bytes())
+    with pytest.raises(ValueError, match=r"missing keys \['14.weight'\], unexpected keys \['14.weight_renamed'\]"):
+        TAEF2Codec(weights_dir=tmp_path)
+
+
+@needs_shared
+def test_taef2_round_trip_and_latent_stats(taef2):
+    files = sorted((SHARED / "data" / "RealSR_crop128" / "hr").glob("*.png"))[:3]
+    crops = [torch.from_numpy(np.array(Image.open(f).convert("RGB"))).permute(2, 0, 1)[:, 128:384, 128:384]
+             for f in files]
+    image = torch.stack(crops).float() / 255                      # [3, 3, 256, 256]
+    with torch.no_grad():
+        latent = taef2.encode(image)
+        decoded = taef2.decode(latent)
+    assert latent.shape == (3, 32, 32, 32) and decoded.shape == image.shape
+    scores = psnr(decoded, image)
+    print(f"TAEF2 round-trip PSNR on {[f.name for f in files]}: {scores.tolist()} (mean {scores.mean():.2f} dB)")
+    assert (scores > 30).all()
+    mean, std = latent.mean((0, 2, 3)), latent.std((0, 2, 3))
+    assert mean.abs().mean() < 0.3
+    assert 0.6 < std.mean() < 1.5
+
+
+@needs_shared
+def test_taef2_decode_is_differentiable_and_checks_shapes(taef2):
+    latent = torch.randn(1, 32, 4, 6, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    image = taef2.decode(latent)
+    assert image.shape == (1, 3, 32, 48) and 0 <= image.min() and image.max() <= 1
+    image.square().mean().backward()
+    assert latent.grad is not None and torch.isfinite(latent.grad).all() and latent.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="multiple of the codec scale 8"):
+        taef2.encode(torch.rand(1, 3, 36, 32))
+    with pytest.raises(ValueError, match=r"latent \[B, 32, h, w\]"):
+        taef2.decode(torch.randn(1, 16, 4, 4))
+    with pytest.raises(ValueError, match="32 values"):
+        TAEF2Codec(weights_dir=TAEF2_DIR, latent_mean=[0.0] * 16)
