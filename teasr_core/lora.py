@@ -87,6 +87,17 @@ class DualLoRALinear(nn.Module):
         return y
 
     # ---- storage -------------------------------------------------------------------------
+    def _apply(self, fn, recurse=True):
+        """Let .to(device) move an fp8 base, but never let .to(dtype) cast it (or its scales):
+        a plain cast of fp8 codes to bf16 would silently drop the per-channel scale."""
+        keep = {id(self.weight), id(self.weight_scale)} if self.is_fp8 else set()
+
+        def guarded(t):
+            out = fn(t)
+            return t.to(device=out.device) if id(t) in keep and out.dtype != t.dtype else out
+
+        return super()._apply(guarded, recurse)
+
     @torch.no_grad()
     def quantize_fp8(self) -> None:
         """Store the base weight as fp8 e4m3 with a per-output-channel fp32 scale."""

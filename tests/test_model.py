@@ -149,3 +149,17 @@ def test_fp8_base_within_bf16_tolerance():
     fp8_err = (fp8 - ref).abs().mean() / ref.abs().mean()
     assert fp8_err < 0.05, fp8_err
     assert fp8_err < 4 * bf16_err + 0.01, (fp8_err, bf16_err)
+
+
+def test_dtype_cast_keeps_an_fp8_base_and_its_scales():
+    torch.manual_seed(3)
+    model = DualBranchDiT(preset("tiny")).eval()
+    model.quantize_base_fp8()
+    x, cond = torch.randn(1, 48, 4, 4), torch.randn(1, 48, 4, 4)
+    with torch.no_grad():
+        before = model(x, cond, torch.tensor([0.5]), torch.tensor([0.0]))
+        model.to(torch.float64).to(torch.float32)
+        after = model(x, cond, torch.tensor([0.5]), torch.tensor([0.0]))
+    q = model.transformer_blocks[0].attn.to_q
+    assert q.weight.dtype == torch.float8_e4m3fn and q.weight_scale.dtype == torch.float32
+    torch.testing.assert_close(after, before)

@@ -1,0 +1,129 @@
+"""Command line: `python -m teasr_core upscale IN OUT [options]` (files or directories)."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from .color import COLOR_FIX_METHODS
+from .imageio import IMAGE_EXTENSIONS, ImageReadError, read_image, write_image
+from .pipeline import Upscaler, count_model_calls, resize_bicubic, upscale, upscale_settings
+from .sampling import MODES
+
+AUTO_TILE_ABOVE = 1536  # output side (px) above which --tile-size auto tiles
+AUTO_TILE = 1024
+
+
+def add_upscale_options(p: argparse.ArgumentParser) -> None:
+    """The sampling options shared by `upscale` and `eval` (same names as the ComfyUI node inputs)."""
+    p.add_argument("--checkpoint", type=Path, help="TEASR .safetensors checkpoint (default: the bundled model)")
+    p.add_argument("--scale", type=int, default=4, help="upscale factor (the model is trained for 4)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mode", choices=MODES, default="jump", help="sampler (default: jump)")
+    p.add_argument("--shift", type=float, default=1.0, help="sigma-grid time shift")
+    p.add_argument("--timesteps", help='explicit timesteps on the 0..1000 scale, e.g. "999,500"')
+    p.add_argument("--start-strength", type=float, default=1.0, help="1 = from noise; <1 = from the noised LR")
+    p.add_argument("--color-fix", choices=COLOR_FIX_METHODS, default="wavelet")
+    p.add_argument("--tile-size", default="auto", help="output pixels per tile side, 'auto' or 0 (untiled)")
+    p.add_argument("--tile-overlap", type=int, default=128, help="output pixels")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None,
+                   help="compute dtype (default: fp32 on CPU, bf16 on CUDA)")
+    p.add_argument("--fp8", action="store_true", help="store the frozen base weights as fp8 e4m3")
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def load_upscaler(args) -> Upscaler:
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if str(args.device).startswith("cuda") else torch.float32)
+    return Upscaler.from_checkpoint(args.checkpoint, device=args.device, dtype=dtype, fp8=args.fp8)
+
+
+def tile_for(args, out_hw: tuple[int, int]) -> int | None:
+    if args.tile_size == "auto":
+        return AUTO_TILE if max(out_hw) > AUTO_TILE_ABOVE else None
+    try:
+        tile = int(args.tile_size)
+    except ValueError:
+        raise SystemExit(f"--tile-size must be 'auto' or a number of pixels, got {args.tile_size!r}") from None
+    return tile or None
+
+
+def settings_for(args, steps: int, image_hw: tuple[int, int]):
+    out_hw = (image_hw[0] * args.scale, image_hw[1] * args.scale)
+    return upscale_settings(steps=steps, scale=args.scale, seed=args.seed, mode=args.mode, shift=args.shift,
+                            timesteps=args.timesteps, start_strength=args.start_strength,
+                            color_fix=args.color_fix, tile=tile_for(args, out_hw), tile_overlap=args.tile_overlap)
+
+
+def upscale_file(upscaler: Upscaler, src: Path, dst: Path, args) -> None:
+    photo = read_image(src)
+    settings = settings_for(args, args.steps, tuple(photo.rgb.shape[-2:]))
+    total = count_model_calls(upscaler, tuple(photo.rgb.shape[-2:]), settings)
+    with tqdm(total=total, desc=src.name, unit="call", leave=False) as bar:
+        out = upscale(upscaler, photo.rgb, settings, progress=lambda done, _: bar.update(done - bar.n))
+    alpha = None if photo.alpha is None else resize_bicubic(photo.alpha.expand(-1, 3, -1, -1), out.shape[-2:])[:, :1]
+    write_image(dst, out, alpha, photo.grayscale, photo.bits)
+
+
+def jobs(src: Path, dst: Path) -> list[tuple[Path, Path]]:
+    """(input, output) pairs: a file -> a file; a directory -> every image in it, as PNG under the same name."""
+    if src.is_dir():
+        files = sorted(p for p in src.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+        if not files:
+            raise ImageReadError(f"{src}: no images ({', '.join(IMAGE_EXTENSIONS)}) in this directory")
+        return [(p, dst / (p.stem + ".png")) for p in files]
+    if dst.is_dir():
+        return [(src, dst / (src.stem + ".png"))]
+    return [(src, dst)]
+
+
+def cmd_upscale(args) -> int:
+    try:
+        pairs = jobs(args.input, args.output)
+        if not args.input.is_dir():
+            read_image(args.input)          # refuse a non-image before loading the model
+    except ImageReadError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    upscaler = load_upscaler(args)
+    failed = []
+    for src, dst in tqdm(pairs, desc="images", unit="img", disable=len(pairs) == 1):
+        t0 = time.perf_counter()
+        try:
+            upscale_file(upscaler, src, dst, args)
+        except ImageReadError as e:
+            failed.append(src)
+            print(f"error: {e}", file=sys.stderr)
+            continue
+        print(f"{src} -> {dst} ({time.perf_counter() - t0:.1f} s)")
+    if failed:
+        print(f"{len(failed)} of {len(pairs)} inputs were not images and were skipped", file=sys.stderr)
+        return 2
+    return 0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m teasr_core", description="TEASR any-step x4 super-resolution")
+    sub = ap.add_subparsers(dest="command", required=True)
+    up = sub.add_parser("upscale", help="upscale an image file or a directory of images")
+    up.add_argument("input", type=Path)
+    up.add_argument("output", type=Path)
+    up.add_argument("--steps", type=int, default=1, help="sampling steps, 1..50 (speed vs quality)")
+    add_upscale_options(up)
+    up.set_defaults(run=cmd_upscale)
+    args = ap.parse_args(argv)
+    try:
+        return args.run(args)
+    except (ValueError, FileNotFoundError) as e:   # bad settings or checkpoint: a message, not a traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
