@@ -1,0 +1,171 @@
+"""What the sampler and the tiled node share: IMAGE <-> tensor layout, alpha/gray, settings, progress.
+
+ComfyUI's IMAGE is [B, H, W, C] float in 0..1 with C = 3 (sometimes 4 = RGBA, or 1); teasr_core
+takes [B, 3, H, W]. Each image of a batch is upscaled on its own with the same seed, so peak memory
+does not grow with the batch and an image gives the same result alone or at any batch position
+(video frames get the same noise, which keeps them consistent).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import torch
+from comfy_api.latest import io
+
+import comfy.model_management as mm
+import comfy.utils
+
+from ..teasr_core.color import COLOR_FIX_METHODS
+from ..teasr_core.pipeline import UpscaleSettings, count_model_calls, resize_bicubic, upscale, upscale_settings
+from ..teasr_core.sampling import MAX_STEPS, MODES, sigmas_from_timesteps
+from .model import TEASRModel
+
+CATEGORY = "image/upscaling/TEASR"
+SEARCH_ALIASES = ["upscale", "super resolution", "restore", "enhance", "any-step", "teasr"]
+TEASR_MODEL = io.Custom("TEASR_MODEL")
+log = logging.getLogger("teasr")
+
+
+def schema(**kwargs) -> io.Schema:
+    """io.Schema, with `search_aliases` only where the running ComfyUI has them (not 0.3.75)."""
+    if "search_aliases" not in {f.name for f in dataclasses.fields(io.Schema)}:
+        kwargs.pop("search_aliases", None)
+    return io.Schema(**kwargs)
+
+
+def model_and_image_inputs() -> list:
+    return [
+        TEASR_MODEL.Input("model", tooltip="The TEASR model from TEASR Loader."),
+        io.Image.Input("image", tooltip="Low-resolution image(s) to upscale x4. RGB, RGBA (alpha is upscaled "
+                                        "bicubically and re-attached) or grayscale; a batch is upscaled image by image."),
+    ]
+
+
+def sampling_inputs() -> list:
+    """The any-step controls, identical in both nodes (and named like the CLI flags)."""
+    return [
+        io.Int.Input("steps", default=1, min=1, max=MAX_STEPS,
+                     tooltip="Model evaluations per image (per tile). 1 is fastest; 2-4 usually add detail. "
+                             "Ignored when timesteps is set."),
+        io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                     tooltip="Noise seed. The noise is a function of position, so a seed gives the same "
+                             "image for any tile size."),
+        io.Combo.Input("mode", options=list(MODES), default="jump",
+                       tooltip="Sampler. jump: predict the clean image, step on (deterministic). flowmap: jump "
+                               "straight to the next noise level (deterministic). renoise: predict, then re-noise "
+                               "with fresh noise (stochastic, can add texture)."),
+        io.Float.Input("shift", default=1.0, min=0.05, max=20.0, step=0.05,
+                       tooltip="Time shift of the noise schedule: > 1 spends more of the steps at high noise "
+                               "(more generation), < 1 at low noise (more refinement)."),
+        io.Float.Input("start_strength", default=1.0, min=0.01, max=1.0, step=0.01,
+                       tooltip="1 = start from pure noise. Lower values start from the noised bicubic upscale: "
+                               "closer to the input, less hallucinated detail."),
+        io.Combo.Input("color_fix", options=list(COLOR_FIX_METHODS), default="wavelet",
+                       tooltip="Keep the input's colours: wavelet swaps in the input's low frequencies, adain "
+                               "matches per-channel mean and std, none keeps the model's colours."),
+    ]
+
+
+def optional_inputs() -> list:
+    return [
+        io.String.Input("timesteps", default="", optional=True,
+                        tooltip="Explicit timesteps on the 0..1000 scale, strictly decreasing, e.g. "
+                                "'999,750,500,250'. Empty: use steps and shift."),
+        io.Conditioning.Input("conditioning", optional=True,
+                              tooltip="Text conditioning, only for TEASR models with a text stream (e.g. ones "
+                                      "built on Qwen-Image); models without one ignore it."),
+    ]
+
+
+def image_output() -> io.Image.Output:
+    return io.Image.Output(tooltip="The x4 upscaled image(s), same channel layout as the input.")
+
+
+def timesteps_error(timesteps: str | None) -> str | None:
+    """Why a timesteps string is unusable, or None; runs at queue time (validate_inputs)."""
+    if not timesteps or not timesteps.strip():
+        return None
+    try:
+        sigmas_from_timesteps(timesteps)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def build_settings(*, steps, seed, mode, shift, start_strength, color_fix, timesteps=None, scale=4,
+                   tile=None, tile_overlap=None) -> UpscaleSettings:
+    return upscale_settings(steps=steps, seed=seed, mode=mode, shift=shift, start_strength=start_strength,
+                            color_fix=color_fix, timesteps=(timesteps or "").strip() or None, scale=scale,
+                            tile=tile, tile_overlap=tile_overlap)
+
+
+def context_for(model: TEASRModel, conditioning, index: int) -> torch.Tensor | None:
+    """The text context of image `index` from a CONDITIONING list [[tensor [B, T, D], {...}], ...]."""
+    if model.context_dim is None:
+        if conditioning:
+            log.warning("TEASR: %s has no text stream; the conditioning input is ignored", model.name)
+        return None
+    if not conditioning:
+        raise ValueError(f"{model.name} has a text stream ({model.context_dim}-dim context): connect its "
+                         "text conditioning to the conditioning input")
+    context = conditioning[0][0]
+    return context[min(index, context.shape[0] - 1)][None]
+
+
+def split_channels(image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+    """IMAGE [B, H, W, C] -> (rgb [B, 3, H, W], alpha [B, 1, H, W] or None, colour channels 1 or 3)."""
+    if image.ndim != 4 or image.shape[-1] not in (1, 2, 3, 4):
+        raise ValueError(f"expected an IMAGE [B, H, W, C] with C in 1..4, got shape {tuple(image.shape)}")
+    planes = image.movedim(-1, 1).float()
+    color_channels = 3 if planes.shape[1] >= 3 else 1
+    color = planes[:, :color_channels]
+    alpha = planes[:, color_channels:] if planes.shape[1] > color_channels else None
+    return color.expand(-1, 3, -1, -1), alpha, color_channels
+
+
+def merge_channels(rgb: torch.Tensor, alpha: torch.Tensor | None, color_channels: int) -> torch.Tensor:
+    """Inverse of split_channels for the upscaled planes; back to IMAGE [B, H, W, C] on the intermediate device."""
+    color = rgb.mean(1, keepdim=True) if color_channels == 1 else rgb
+    planes = color if alpha is None else torch.cat([color, alpha.to(color.device)], 1)
+    return planes.movedim(1, -1).to(mm.intermediate_device(), torch.float32)
+
+
+def upscale_images(model: TEASRModel, image: torch.Tensor, settings: UpscaleSettings, conditioning=None) -> torch.Tensor:
+    """Upscale every image of an IMAGE batch; one progress bar of steps x tiles x batch model calls.
+
+    Every call also checks ComfyUI's interrupt flag, so Cancel stops within one step of one tile.
+    """
+    rgb, alpha, color_channels = split_channels(image)
+    out_hw = (rgb.shape[-2] * settings.scale, rgb.shape[-1] * settings.scale)
+    upscaler = model.load((settings.tile, settings.tile) if settings.tile else out_hw)
+    per_image = count_model_calls(upscaler, tuple(rgb.shape[-2:]), settings)
+    total = per_image * rgb.shape[0]
+    bar = comfy.utils.ProgressBar(total)
+    results = []
+    for index in range(rgb.shape[0]):
+        def progress(done: int, _total: int, first: int = index * per_image) -> None:
+            mm.throw_exception_if_processing_interrupted()
+            bar.update_absolute(first + done, total)
+        context = context_for(model, conditioning, index)
+        results.append(upscale(upscaler, rgb[index:index + 1], settings, context, progress).cpu())
+    out = torch.cat(results)
+    out_alpha = None if alpha is None else resize_bicubic(alpha, out.shape[-2:])
+    return merge_channels(out, out_alpha, color_channels)
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """CUDA/MPS/XPU out-of-memory and host allocation failures (catchable, unlike the OOM killer)."""
+    if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    message = str(error).lower()
+    return isinstance(error, RuntimeError) and ("out of memory" in message or "can't allocate memory" in message)
+
+
+def raise_non_oom(error: BaseException) -> None:
+    """Re-raise anything that is not an out-of-memory error (model_management.raise_non_oom came after 0.3.75).
+
+    0.3.75's OOM_EXCEPTION is plain Exception on machines without CUDA, so it cannot be the test.
+    """
+    if not is_out_of_memory(error):
+        raise error
