@@ -1,0 +1,190 @@
+"""Every trainer option: one dataclass, read from a TOML file and overridden by command-line flags.
+
+Each field's `doc` is its documentation; `--help` prints it and `train/configs/default.toml` repeats
+it as comments. Flags are the field names with dashes (`max_steps` -> `--max-steps`); booleans also
+take `--no-...`; pairs take two values (`--lora-ranks 64 64`).
+"""
+from __future__ import annotations
+
+import argparse
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+
+OBJECTIVES = ("teasr", "tadsr")
+CODECS = ("pixel", "taef2")
+
+
+def opt(default, doc: str):
+    """A config field with its documentation (lists/tuples are stored as tuples)."""
+    if isinstance(default, list):
+        default = tuple(default)
+    return field(default=default, metadata={"doc": doc})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # ---- run ---------------------------------------------------------------------------------
+    preset: str = opt("small", "model size: teasr_core.model preset (tiny, small, base, qwen-image); ignored with `base`")
+    data: str = opt("", "folder of HR photos (recursive); required")
+    val_data: str = opt("", "folder for the fixed sample-grid batch (default: `data`)")
+    out: str = opt("runs/teasr", "output folder: checkpoints/, state/, samples/, metrics.jsonl, train.log")
+    max_steps: int = opt(10000, "optimizer steps to train to (a resumed run continues up to this count)")
+    resume: bool = opt(False, "continue from the latest training state in `out` (bit-exact on CPU)")
+    objective: str = opt("teasr", "teasr: single-model self-adversarial distillation; tadsr: TAD-SR baseline "
+                                  "(frozen teacher + HFSD + time-aware discriminator)")
+    seed: int = opt(0, "seed of the model init, data streams and loss noise")
+    device: str = opt("", "cuda / cpu / cuda:N; empty = cuda if available (torchrun: cuda:LOCAL_RANK)")
+    fsdp: bool = opt(False, "multi-GPU: shard parameters per transformer block with FSDP2 instead of DDP")
+
+    # ---- model -------------------------------------------------------------------------------
+    base: str = opt("", "initial weights: a full TEASR checkpoint or a Qwen-Image base transformer "
+                        "(file or diffusers folder); empty = fresh init of `preset`")
+    codec: str = opt("pixel", "latent space: pixel (lossless space-to-depth) or taef2 (FLUX.2 tiny autoencoder)")
+    pixel_scale: int = opt(0, "pixel codec: pixels per latent pixel per side; 0 = the preset's (in_channels = 3 s^2)")
+    full_finetune: bool = opt(True, "train every parameter (small presets from scratch); false = LoRA")
+    lora_ranks: tuple = opt([0, 0], "LoRA ranks (noise branch, condition branch) when full_finetune = false")
+    lora_alphas: tuple = opt([], "LoRA alphas (noise, cond); empty = alpha = rank")
+    lora_save: str = opt("delta", "LoRA checkpoints: delta (only the trained tensors; load with a base) or "
+                                  "merged (a full checkpoint: noise LoRA folded into the base)")
+    fp8_base: bool = opt(False, "store the frozen base Linear weights of the blocks as fp8 e4m3 (LoRA training)")
+    base_dtype: str = opt("fp32", "storage dtype of frozen base weights (fp32, bf16); trained tensors stay fp32")
+    bf16: bool = opt(True, "bf16 autocast on CUDA (fp32 on CPU regardless)")
+    gradient_checkpointing: bool = opt(False, "recompute transformer blocks in backward (memory for time)")
+    context_file: str = opt("", "safetensors with a `context` [T, context_dim] tensor (e.g. the empty-prompt "
+                                "text features) for models with a text stream; presets without one use null_context")
+
+    # ---- optimisation ------------------------------------------------------------------------
+    lr: float = opt(1e-4, "AdamW learning rate (constant after warm-up)")
+    betas: tuple = opt([0.9, 0.99], "AdamW betas")
+    weight_decay: float = opt(0.0, "AdamW weight decay")
+    adam_eps: float = opt(1e-8, "AdamW epsilon")
+    warmup_steps: int = opt(0, "linear learning-rate warm-up steps")
+    grad_clip: float = opt(0.0, "clip the gradient norm to this value; 0 = off")
+    batch: int = opt(4, "images per device per micro-batch")
+    grad_accum: int = opt(1, "micro-batches per optimizer step (global batch = batch x grad_accum x world size)")
+    ema_decay: float = opt(0.0, "EMA of the trained weights (e.g. 0.999); 0 = off. Checkpoints and samples use the EMA")
+
+    # ---- data --------------------------------------------------------------------------------
+    crop: int = opt(256, "HR crop side in pixels (the LR is crop / scale)")
+    scale: int = opt(4, "super-resolution factor of the degradation")
+    cache_images: bool = opt(True, "keep decoded photos in RAM")
+
+    # ---- logging, checkpoints, samples ------------------------------------------------------
+    log_every: int = opt(1, "write a metrics.jsonl row every N steps")
+    ckpt_every: int = opt(1000, "write a checkpoint and a training state every N steps (and at the end)")
+    ckpt_dtype: str = opt("", "checkpoint tensor dtype (fp16, bf16); empty = as trained")
+    keep_states: int = opt(1, "training states kept in out/state (older ones are deleted)")
+    sample_every: int = opt(500, "write a sample grid (LR | 1-step | 4-step | HR) every N steps; 0 = off")
+    sample_images: int = opt(4, "images in the fixed sample batch")
+    sample_steps: tuple = opt([1, 4], "sampling step counts shown in the grid, one column each")
+
+    # ---- TEASR objective (teasr-paper.md 4.2; weights of the precursor's total loss) ----------
+    w_any: float = opt(1.0, "L_any: RCGM any-step consistency")
+    w_e2e: float = opt(0.25, "L_e2e: one-step consistency to sigma_target = 0")
+    w_fm: float = opt(0.25, "L_FM: flow matching")
+    w_adv: float = opt(0.25, "L_adv: fake-flow learning at negative time")
+    w_rect: float = opt(0.25, "L_rect: rectification (fake-minus-real velocity)")
+    w_mse: float = opt(1.0, "pixel MSE of the one-step sample ([-1, 1] scale), times (1 - sigma_e2e)")
+    w_lpips: float = opt(1.0, "LPIPS (AlexNet) of the one-step sample, times (1 - sigma_e2e); needs the "
+                              "converted weights, otherwise off (logged)")
+    rcgm_dt: float = opt(0.01, "RCGM: the small step (in sigma) between the prediction and its target's start")
+    rcgm_substeps: int = opt(2, "RCGM: Euler sub-steps of the model's own flow map building the target")
+    any_sigma_min: float = opt(0.01, "L_any: sigma ~ U(0, 1) clamped to at least this")
+    e2e_sigma_range: tuple = opt([0.01, 1.0], "L_e2e: one-step start sigma ~ U(lo, hi) (timestep-aware; "
+                                              "[1, 1] = always from pure noise)")
+    fm_gap: float = opt(0.05, "L_FM: sigma_target = sigma - U(0, fm_gap * sigma)")
+    fake_sigma_range: tuple = opt([0.02, 0.98], "L_adv / L_rect: sigma of the re-noised one-step sample")
+
+    # ---- TAD-SR objective (peers.md 1.3-1.4) -----------------------------------------------
+    teacher_steps: int = opt(4, "TAD-SR: Euler steps of the frozen teacher producing the regression target")
+    w_reg: float = opt(1.0, "TAD-SR: regression of the one-step output to the teacher's output")
+    w_hfsd: float = opt(1.0, "TAD-SR: high-frequency score distillation")
+    w_gan: float = opt(0.02, "TAD-SR: generator hinge loss of the time-aware discriminator")
+    hfsd_sigma_range: tuple = opt([0.02, 0.25], "TAD-SR: small noise level of the score distillation")
+    disc_sigma_range: tuple = opt([0.02, 0.88], "TAD-SR: noise level of the discriminator inputs")
+    disc_levels: int = opt(2, "TAD-SR: discriminator feature taps spread over the teacher's first half of blocks")
+    disc_hidden: int = opt(256, "TAD-SR: hidden width of the discriminator heads")
+    disc_lr: float = opt(0.0, "TAD-SR: discriminator learning rate; 0 = lr")
+
+    def __post_init__(self):
+        """Reject inconsistent settings before any model is built."""
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if self.codec not in CODECS:
+            raise ValueError(f"codec must be one of {CODECS}, got {self.codec!r}")
+        if self.lora_save not in ("delta", "merged"):
+            raise ValueError(f"lora_save must be 'delta' or 'merged', got {self.lora_save!r}")
+        if self.base_dtype not in ("fp32", "bf16"):
+            raise ValueError(f"base_dtype must be fp32 or bf16, got {self.base_dtype!r}")
+        if self.ckpt_dtype not in ("", "fp16", "bf16"):
+            raise ValueError(f"ckpt_dtype must be empty, fp16 or bf16, got {self.ckpt_dtype!r}")
+        ranks = tuple(int(r) for r in self.lora_ranks)
+        if len(ranks) != 2 or min(ranks) < 0:
+            raise ValueError(f"lora_ranks must be two ranks >= 0, got {self.lora_ranks}")
+        if self.full_finetune and any(ranks):
+            raise ValueError("full_finetune = true trains every weight; set lora_ranks = [0, 0] or full_finetune = false")
+        if not self.full_finetune and not any(ranks):
+            raise ValueError("full_finetune = false needs lora_ranks > 0 for at least one branch")
+        if self.lora_alphas and len(self.lora_alphas) != 2:
+            raise ValueError(f"lora_alphas must be empty or two values, got {self.lora_alphas}")
+        if self.fp8_base and self.full_finetune:
+            raise ValueError("fp8_base stores frozen weights; it needs LoRA training (full_finetune = false)")
+        if self.crop % self.scale:
+            raise ValueError(f"crop {self.crop} must be a multiple of the scale {self.scale}")
+        for name in ("batch", "grad_accum", "max_steps", "log_every", "ckpt_every", "keep_states",
+                     "rcgm_substeps", "teacher_steps", "disc_levels"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas must be two values in [0, 1), got {self.betas}")
+        if len(self.sample_steps) < 1 or min(self.sample_steps) < 1:
+            raise ValueError(f"sample_steps must list step counts >= 1, got {self.sample_steps}")
+        for name in ("e2e_sigma_range", "fake_sigma_range", "hfsd_sigma_range", "disc_sigma_range"):
+            lo, hi = getattr(self, name)
+            if not 0 <= lo <= hi <= 1:
+                raise ValueError(f"{name} must be two values 0 <= lo <= hi <= 1, got {getattr(self, name)}")
+
+    def to_dict(self) -> dict:
+        return {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v for f in fields(self)}
+
+
+def _coerce(value):
+    """TOML / argparse lists become tuples (the dataclass is frozen and hashable)."""
+    return tuple(value) if isinstance(value, list) else value
+
+
+def load_toml(path: str | Path) -> dict:
+    with open(path, "rb") as f:
+        values = tomllib.load(f)
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"{path}: unknown option(s) {', '.join(unknown)}; see train/configs/default.toml")
+    return values
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m train.distill",
+                                description="TEASR any-step SR distillation (see train/configs/default.toml)")
+    p.add_argument("--config", type=Path, help="TOML file of options; flags override it")
+    for f in fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        doc = f.metadata["doc"]
+        if f.type == "bool":
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=doc)
+        elif f.type == "tuple":
+            p.add_argument(flag, nargs="*", type=float if f.name.endswith(("range", "betas", "alphas")) else int,
+                           default=None, help=doc)
+        else:
+            p.add_argument(flag, type={"int": int, "float": float, "str": str}[f.type], default=None, help=doc)
+    return p
+
+
+def parse_config(argv=None) -> TrainConfig:
+    """Defaults <- TOML file (--config) <- flags."""
+    args = vars(build_parser().parse_args(argv))
+    path = args.pop("config")
+    values = load_toml(path) if path else {}
+    values.update({k: v for k, v in args.items() if v is not None})
+    return replace(TrainConfig(), **{k: _coerce(v) for k, v in values.items()})

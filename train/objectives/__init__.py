@@ -1,0 +1,66 @@
+"""Distillation objectives and what they share: the flow, random draws, and a forward-pass counter.
+
+An objective is called once per micro-batch as `objective(net, x0, cond, hr, generator)` and returns
+(loss to back-propagate, {term name: detached scalar}). `net(x, cond, sigma, sigma_target)` is the
+trained DiT (behind DDP/FSDP when distributed) wrapped in a `PassCounter`. All randomness comes from
+`generator`, which the trainer re-seeds per (seed, micro-batch stream, step), so a resumed run draws
+exactly the noise an uninterrupted one would.
+
+Flow convention (teasr_core): x_sigma = (1 - sigma) x0 + sigma eps, velocity v = eps - x0, and the
+network returns the average velocity from sigma to sigma_target.
+"""
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+
+
+class PassCounter:
+    """Wraps a model call and counts it as `<kind>_grad` or `<kind>_nograd` (autograd on or off).
+
+    The counts are the cost of a training step in network evaluations; `counts` may be shared by
+    several counters (student, teacher, teacher encoder) so one dict holds the step's total.
+    """
+
+    def __init__(self, model, counts: Counter, kind: str = "fwd", context: torch.Tensor | None = None):
+        self.model, self.counts, self.kind, self.context = model, counts, kind, context
+
+    def __call__(self, x, cond, sigma, sigma_target):
+        self.counts[f"{self.kind}_{'grad' if torch.is_grad_enabled() else 'nograd'}"] += 1
+        context = None if self.context is None else self.context.expand(x.shape[0], -1, -1)
+        return self.model(x, cond, sigma, sigma_target, context)
+
+
+def per_sample(sigma: torch.Tensor) -> torch.Tensor:
+    """[B] -> [B, 1, 1, 1], to scale latents per sample."""
+    return sigma.view(-1, 1, 1, 1)
+
+
+def noised(x0: torch.Tensor, eps: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """The point at noise level sigma [B] on the straight path from x0 to eps."""
+    s = per_sample(sigma).to(x0.dtype)
+    return (1 - s) * x0 + s * eps
+
+
+def uniform(n: int, lo: float, hi: float, generator: torch.Generator) -> torch.Tensor:
+    """n values ~ U(lo, hi) on the generator's device."""
+    return lo + (hi - lo) * torch.rand(n, generator=generator, device=generator.device)
+
+
+def gaussian_like(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+
+
+def mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Mean squared error in fp32 (autocast may hand us bf16 predictions)."""
+    return torch.mean((a.float() - b.float()) ** 2)
+
+
+def build_objective(cfg, dit, codec, lpips, device):
+    """The objective named by cfg.objective; `dit` is the unwrapped model (TAD-SR copies its teacher from it)."""
+    if cfg.objective == "teasr":
+        from .teasr import TeasrObjective
+        return TeasrObjective(cfg, codec, lpips)
+    from .tadsr import TadsrObjective
+    return TadsrObjective(cfg, dit, device)

@@ -1,0 +1,186 @@
+"""TEASR's self-adversarial distillation inside one model (teasr-paper.md 4.2, TwinFlow family).
+
+There is no teacher, no fake-score network and no discriminator: the model at positive target time
+is the real-data flow, at negative target time the flow of its own one-step samples, and the
+difference of the two is the rectification signal. Per micro-batch:
+
+    x0 = codec.encode(HR), cond = codec.encode(bicubic-up LR): encoded once, shared by every term.
+
+    term     passes with grad       passes without grad
+    L_any    1 (F)                  rcgm_substeps (target from the model's own flow map)
+    L_e2e    1 (F_fake)             rcgm_substeps
+    L_FM     1
+    L_adv    1 (fake flow)
+    L_rect   -                      1 (real flow); its fake-flow pass is L_adv's, detached
+    pixel    codec.decode + LPIPS on x_fake (no network pass)
+
+so 4 passes with grad and 2 * rcgm_substeps + 1 = 5 without (the precursor draws separate noise
+for L_adv and L_rect and needs 6). Sharing is exact: L_rect needs F(x', s', -s') at
+x' = (1 - s') x_fake + s' n without grad, which is the value of L_adv's prediction when both use
+the same (s', n); only their noise draws become shared.
+
+The model draws no random numbers in its forward pass (no dropout), so the target passes see the
+same "RNG" as the prediction trivially; the precursor restores the CUDA RNG state for that reason.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from . import gaussian_like, mse, noised, per_sample, uniform
+
+log = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def rcgm_target(net, x_t, cond, v_star, sigma, target, prediction, dt: float, substeps: int) -> torch.Tensor:
+    """RCGM's recursive consistency target for the average velocity `prediction` from sigma to target.
+
+    Why: a flow map must agree with itself; jumping sigma -> target in one call must land where a
+    short exact step (dt along the sample's own path, v*) followed by `substeps` Euler steps of the
+    model's own flow map lands. The residual R of that identity, clamped to [-1, 1], is subtracted
+    from sg(prediction), so the loss gradient is the clamped residual. Intervals shorter than dt
+    reduce to flow matching (R = F - v*).
+    """
+    gap = sigma - target
+    start = torch.maximum(sigma - dt, target)
+    x = x_t - dt * v_star                       # exactly the path point at sigma - dt
+    displacement = torch.zeros_like(x_t)
+    for i in range(substeps):
+        s_cur = start + (target - start) * (i / substeps)
+        s_next = start + (target - start) * ((i + 1) / substeps)
+        step = per_sample(s_cur - s_next) * net(x, cond, s_cur, s_next)
+        x = x - step
+        displacement = displacement + step
+    far = gap >= dt
+    c_left = per_sample(torch.where(far, gap / dt, torch.ones_like(gap)))
+    c_right = per_sample(torch.where(far, torch.full_like(gap, 1 / dt), 1 / gap))
+    residual = c_left * prediction - c_right * displacement - v_star
+    return prediction.detach() - residual.clamp(-1, 1)
+
+
+def loss_any(net, x0, cond, generator, cfg) -> torch.Tensor:
+    """L_any: consistency of jumps between arbitrary noise levels, so any step count samples well.
+
+    sigma ~ U(0, 1) clamped to >= any_sigma_min, target ~ U(0, sigma - 1e-3).
+    """
+    b = x0.shape[0]
+    sigma = uniform(b, 0, 1, generator).clamp_min(cfg.any_sigma_min)
+    target = uniform(b, 0, 1, generator) * (sigma - 1e-3)
+    eps = gaussian_like(x0, generator)
+    x_t, v_star = noised(x0, eps, sigma), eps - x0
+    prediction = net(x_t, cond, sigma, target)
+    return mse(prediction, rcgm_target(net, x_t, cond, v_star, sigma, target, prediction,
+                                       cfg.rcgm_dt, cfg.rcgm_substeps))
+
+
+def loss_e2e(net, x0, cond, generator, cfg):
+    """L_e2e: one-step consistency to sigma_target = 0 from a start drawn over all noise levels.
+
+    Why: drawing the start sigma at random (timestep-aware) rather than always 1 trains the
+    one-step jump that every step of any-step sampling takes from its own noise level. Returns
+    (loss, F_fake, x_fake, sigma); x_fake = x_t - sigma F_fake keeps its gradient for the
+    rectification and pixel terms.
+    """
+    b = x0.shape[0]
+    sigma = uniform(b, *cfg.e2e_sigma_range, generator)
+    target = torch.zeros_like(sigma)
+    eps = gaussian_like(x0, generator)
+    x_t, v_star = noised(x0, eps, sigma), eps - x0
+    f_fake = net(x_t, cond, sigma, target)
+    loss = mse(f_fake, rcgm_target(net, x_t, cond, v_star, sigma, target, f_fake, cfg.rcgm_dt, cfg.rcgm_substeps))
+    return loss, f_fake, x_t - per_sample(sigma) * f_fake, sigma
+
+
+def loss_fm(net, x0, cond, generator, cfg) -> torch.Tensor:
+    """L_FM: plain flow matching on short intervals, anchoring the real (positive-time) flow to data.
+
+    sigma ~ U(0, 1), sigma_target = sigma - U(0, fm_gap * sigma); target v* = eps - x0.
+    """
+    b = x0.shape[0]
+    sigma = uniform(b, 0, 1, generator)
+    target = sigma - uniform(b, 0, cfg.fm_gap, generator) * sigma
+    eps = gaussian_like(x0, generator)
+    return mse(net(noised(x0, eps, sigma), cond, sigma, target), eps - x0)
+
+
+def loss_adv(net, x_fake, cond, generator, cfg):
+    """L_adv: teach the negative-time branch the flow of the model's own one-step samples.
+
+    Why: with F(x, s, -s) ~ the fake data's velocity and F(x, s, s) the real one, their difference
+    is a fake-minus-real score the generator can descend (L_rect), with no extra network.
+    x' = (1 - s) sg(x_fake) + s z, predict at sigma = s, signed target -s, regress to z - sg(x_fake).
+    Returns (loss, detached prediction, x', s) for L_rect, which reuses this pass.
+    """
+    fake = x_fake.detach()
+    sigma = uniform(fake.shape[0], *cfg.fake_sigma_range, generator)
+    z = gaussian_like(fake, generator)
+    x_noised = noised(fake, z, sigma)
+    prediction = net(x_noised, cond, sigma, -sigma)
+    return mse(prediction, z - fake), prediction.detach(), x_noised, sigma
+
+
+def loss_rect(net, f_fake, fake_velocity, x_noised, sigma, cond) -> torch.Tensor:
+    """L_rect: push one-step samples from the fake toward the real distribution.
+
+    dv = F(x', s, -s) - F(x', s, s) (both without grad; the fake one comes from L_adv's pass) is a
+    DMD-style fake-minus-real direction; MSE(F_fake, sg(F_fake - dv)) has gradient 2 dv / N on F_fake.
+    Its value, mean(dv^2), measures the fake-real gap rather than a fit.
+    """
+    with torch.no_grad():
+        dv = fake_velocity - net(x_noised, cond, sigma, sigma)
+    return mse(f_fake, (f_fake - dv).detach())
+
+
+def loss_pixel(codec, lpips, x_fake, hr, sigma_e2e):
+    """Pixel MSE (on [-1, 1] images) and LPIPS of the decoded one-step sample against the HR.
+
+    Why: latent consistency alone says nothing about perceived detail; these anchor the one-step
+    output to the ground truth. Each sample is weighted by (1 - sigma_e2e): starts close to the data
+    must reproduce it, starts from pure noise are free to differ. Returns per-term weighted means
+    (LPIPS None when disabled).
+    """
+    image = codec.decode(x_fake).float()
+    weight = 1 - sigma_e2e.float()
+    mse_per_image = (2 * (image - hr)).pow(2).flatten(1).mean(1)
+    pix_mse = (weight * mse_per_image).mean()
+    if lpips is None:
+        return pix_mse, None
+    with torch.autocast(image.device.type, enabled=False):  # LPIPS in fp32
+        return pix_mse, (weight * lpips(image, hr)).mean()
+
+
+class TeasrObjective:
+    """The weighted sum of the terms above; weights and noise-level ranges from the config."""
+
+    def __init__(self, cfg, codec, lpips):
+        self.cfg, self.codec = cfg, codec
+        self.lpips = lpips if cfg.w_lpips > 0 else None
+        if cfg.w_lpips > 0 and lpips is None:
+            log.warning("LPIPS weights unavailable: the perceptual term is disabled (pixel MSE only)")
+
+    def __call__(self, net, x0, cond, hr, generator):
+        cfg = self.cfg
+        l_any = loss_any(net, x0, cond, generator, cfg)
+        l_e2e, f_fake, x_fake, sigma_e2e = loss_e2e(net, x0, cond, generator, cfg)
+        l_fm = loss_fm(net, x0, cond, generator, cfg)
+        l_adv, fake_velocity, x_noised, sigma_fake = loss_adv(net, x_fake, cond, generator, cfg)
+        l_rect = loss_rect(net, f_fake, fake_velocity, x_noised, sigma_fake, cond)
+        terms = {"any": l_any, "e2e": l_e2e, "fm": l_fm, "adv": l_adv, "rect": l_rect}
+        total = (cfg.w_any * l_any + cfg.w_e2e * l_e2e + cfg.w_fm * l_fm
+                 + cfg.w_adv * l_adv + cfg.w_rect * l_rect)
+        if cfg.w_mse > 0 or self.lpips is not None:
+            pix_mse, pix_lpips = loss_pixel(self.codec, self.lpips, x_fake, hr, sigma_e2e)
+            terms["pix_mse"] = pix_mse
+            total = total + cfg.w_mse * pix_mse
+            if pix_lpips is not None:
+                terms["pix_lpips"] = pix_lpips
+                total = total + cfg.w_lpips * pix_lpips
+        return total, {k: v.detach() for k, v in terms.items()}
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
