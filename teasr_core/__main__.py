@@ -108,6 +108,29 @@ def cmd_upscale(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    import json
+
+    from .evaluate import baseline_methods, evaluate, format_table, pair_files
+    pairs = pair_files(args.lr, args.hr)[:args.limit]
+    steps = [int(s) for s in args.steps.split(",")]
+    upscaler = load_upscaler(args)
+    methods = baseline_methods([b for b in args.baselines.split(",") if b], args.device)
+    for n in steps:
+        methods[f"TEASR {n} step{'s' if n > 1 else ''}"] = \
+            lambda img, n=n: upscale(upscaler, img, settings_for(args, n, tuple(img.shape[-2:])))
+    order = tuple(m for m in methods if m in ("bicubic", "Real-ESRGAN x4plus", "TEASR 1 step", "TEASR 4 steps"))
+    with tqdm(total=len(pairs), desc="eval", unit="img") as bar:
+        results = evaluate(pairs, methods, args.device, args.figures, order, progress=lambda _: bar.update())
+    results.update(lr=str(args.lr), hr=str(args.hr) if args.hr else None,
+                   checkpoint=str(args.checkpoint or "bundled"), seed=args.seed, color_fix=args.color_fix)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=1))
+    print(format_table(results))
+    print(f"wrote {args.out}")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m teasr_core", description="TEASR any-step x4 super-resolution")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -117,6 +140,16 @@ def main(argv=None) -> int:
     up.add_argument("--steps", type=int, default=1, help="sampling steps, 1..50 (speed vs quality)")
     add_upscale_options(up)
     up.set_defaults(run=cmd_upscale)
+    ev = sub.add_parser("eval", help="score TEASR (per step count) and baselines on LR/HR pairs")
+    ev.add_argument("--lr", type=Path, required=True, help="folder of LR images")
+    ev.add_argument("--hr", type=Path, help="folder of HR images with the same names (omit: no-reference only)")
+    ev.add_argument("--steps", default="1,2,4,8", help="comma-separated step counts")
+    ev.add_argument("--baselines", default="bicubic,realesrgan", help="comma-separated: bicubic, realesrgan")
+    ev.add_argument("--out", type=Path, required=True, help="results JSON")
+    ev.add_argument("--figures", type=Path, help="folder for comparison strips (LR | bicubic | ... | HR)")
+    ev.add_argument("--limit", type=int, help="only the first N pairs")
+    add_upscale_options(ev)
+    ev.set_defaults(run=cmd_eval)
     args = ap.parse_args(argv)
     try:
         return args.run(args)
