@@ -242,7 +242,7 @@ class Trainer:
             return self.dit
         from torch.nn.parallel import DistributedDataParallel
         ids = [self.env.device.index] if self.env.device.type == "cuda" else None
-        return DistributedDataParallel(self.dit, device_ids=ids, broadcast_buffers=False)
+        return DistributedDataParallel(self.dit, device_ids=ids, forward_sync_buffers=False)  # buffers (fp8 scales) are identical
 
     @property
     def stream_ids(self) -> list[int]:
@@ -317,25 +317,26 @@ class Trainer:
         return row
 
     # ---- weights out -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def _swap_ema(self) -> None:
+        if hasattr(self.engine, "reshard"):  # FSDP2 keeps the root's gathered weights after a no-grad
+            self.engine.reshard()            # forward; drop them so the shards' new values are used
+        for p, e in zip(self.params, self.ema):
+            saved = p.detach().clone()
+            p.detach().copy_(e)
+            e.copy_(saved)
+
     @contextmanager
     def ema_weights(self):
         """The EMA weights in place of the trained ones (no-op without EMA)."""
         if self.ema is None:
             yield
             return
-        with torch.no_grad():
-            for p, e in zip(self.params, self.ema):
-                saved = p.detach().clone()
-                p.detach().copy_(e)
-                e.copy_(saved)
+        self._swap_ema()
         try:
             yield
         finally:
-            with torch.no_grad():
-                for p, e in zip(self.params, self.ema):
-                    saved = p.detach().clone()
-                    p.detach().copy_(e)
-                    e.copy_(saved)
+            self._swap_ema()
 
     def _full_state(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         """Whole tensors from FSDP shards (collective); plain tensors pass through."""
