@@ -9,8 +9,6 @@ from .tiled import TEASRTiledUpscale
 
 
 class TEASRExtension(ComfyExtension):
-    async def on_load(self) -> None:
-        register_model_folder()
-
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        register_model_folder()   # here, not in on_load: ComfyUI 0.3.75 defines on_load but never awaits it
         return [TEASRLoader, TEASRAnyStepSampler, TEASRTiledUpscale]

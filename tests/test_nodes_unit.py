@@ -23,7 +23,7 @@ SAMPLING = dict(steps=2, seed=7, mode="jump", shift=1.0, start_strength=1.0, col
 
 @pytest.fixture(scope="session")
 def pack(comfy, tmp_path_factory):
-    """The pack after ComfyUI's start-up sequence (import, comfy_entrypoint, on_load), models under a tmp dir."""
+    """The pack after ComfyUI's start-up sequence (import, comfy_entrypoint, get_node_list), models under a tmp dir."""
     import folder_paths
     folder_paths.models_dir = str(tmp_path_factory.mktemp("models"))
     spec = importlib.util.spec_from_file_location(PACK, REPO / "__init__.py", submodule_search_locations=[str(REPO)])
@@ -31,7 +31,6 @@ def pack(comfy, tmp_path_factory):
     sys.modules[PACK] = module
     spec.loader.exec_module(module)
     extension = asyncio.run(module.comfy_entrypoint())
-    asyncio.run(extension.on_load())
     module.node_list = asyncio.run(extension.get_node_list())
     module.extension = extension
     from teasr_pack.nodes import common, loader, model, sampler, tiled  # noqa: F401  (attributes of module)
@@ -147,7 +146,7 @@ def test_model_folder_is_registered_once_with_safetensors_only(pack, teasr_dir):
     paths, extensions = folder_paths.folder_names_and_paths["teasr"]
     assert extensions == {".safetensors", ".sft"}
     assert paths.count(teasr_dir) == 1 and teasr_dir.startswith(folder_paths.models_dir)
-    asyncio.run(pack.extension.on_load())            # a second start-up must not duplicate the path
+    asyncio.run(pack.extension.get_node_list())       # a second start-up must not duplicate the path
     assert folder_paths.folder_names_and_paths["teasr"][0].count(teasr_dir) == 1
 
 
@@ -412,3 +411,13 @@ def test_conditioning_is_required_by_text_models_and_ignored_by_others(pack, tea
     with caplog.at_level(logging.WARNING, logger="teasr"):
         sample(pack, tiny, image, conditioning=conditioning)
     assert "no text stream" in caplog.text
+
+
+# ---- packaging ---------------------------------------------------------------------------------------
+def test_pyproject_matches_requirements_and_pins_comfyui():
+    import tomllib
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())
+    lines = [line.split("#")[0].strip() for line in (REPO / "requirements.txt").read_text().splitlines()]
+    assert project["project"]["dependencies"] == [line for line in lines if line]
+    assert project["tool"]["comfy"]["requires-comfyui"] == ">=0.3.75"
+    assert project["project"]["urls"]["Repository"]
