@@ -116,9 +116,9 @@ class ComfyServer:
 # ---- client ----------------------------------------------------------------------------------------
 @dataclass
 class PromptRun:
-    prompt_id: str | None
-    status: str                      # success | error | interrupted | rejected
-    body: dict                       # history entry, or the /prompt error body when rejected
+    prompt_id: str
+    status: str                      # success | error | interrupted
+    body: dict                       # the history entry (empty when interrupted)
     messages: list[dict]
     seconds: float
 
@@ -200,7 +200,7 @@ class Client:
         t0 = time.perf_counter()
         status, body = await self.submit(graph)
         if status != 200:
-            return PromptRun(None, "rejected", body, [], time.perf_counter() - t0)
+            raise ServerError(f"/prompt refused the graph (HTTP {status}): {json.dumps(body)[:2000]}")
         pid = body["prompt_id"]
         end, messages, _ = (await self.wait([pid], timeout))[pid]
         entry = await self.history(pid) if end != "interrupted" else {}
