@@ -32,7 +32,7 @@ from .model import DiTConfig, DualBranchDiT
 FORMAT_VERSION = 1
 METADATA_KEY = "teasr"
 COMFY_PREFIX = "model.diffusion_model."
-BUNDLED_CHECKPOINT = Path(__file__).resolve().parent / "weights" / "teasr-small-pixel.safetensors"
+BUNDLED_CHECKPOINT = Path(__file__).resolve().parent / "bundled" / "teasr-small-pixel.safetensors"
 SAFETENSORS_ONLY = ("TEASR checkpoints and Qwen-Image base weights are .safetensors files; "
                     "refusing to unpickle .ckpt/.pt/.pth")
 MAX_HEADER_BYTES = 100_000_000          # safetensors' own limit
