@@ -1,6 +1,6 @@
 """The pack inside a real ComfyUI 0.3.75 server (CPU), driven over HTTP + websocket like a user's client.
 
-Every API workflow in workflows/ runs unchanged except for the input image name. Timings (boot,
+Every API workflow in workflows/api/ runs unchanged except for the input image name. Timings (boot,
 per prompt) are printed with `pytest -s` and summarised in one line at the end of the session.
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ from comfy_server import Client, ComfyServer, node_id, ui_to_api, with_input
 from conftest import COMFYUI_DIR, REPO, shared_path
 
 NODE_IDS = ("TEASRLoader", "TEASRAnyStepSampler", "TEASRTiledUpscale")
-WORKFLOWS = sorted(p.name.removesuffix(".api.json") for p in (REPO / "workflows").glob("*.api.json"))
+WORKFLOWS = sorted(p.stem for p in (REPO / "workflows" / "api").glob("*.json"))
 FRONTEND_ONLY = {"MarkdownNote", "Note"}      # UI annotations, never part of an API graph
 MIN_MEAN_DIFF = 2.0                          # 0..255: the model's output is not a bicubic upscale
 TIMINGS: dict[str, float] = {}
@@ -63,7 +63,7 @@ def run(coro_fn, server):
 
 
 def load_api(name: str) -> dict:
-    return json.loads((REPO / "workflows" / f"{name}.api.json").read_text())
+    return json.loads((REPO / "workflows" / "api" / f"{name}.json").read_text())
 
 
 def object_info(server) -> dict:
@@ -106,12 +106,22 @@ def test_object_info_lists_the_nodes(server):
 
 @pytest.mark.parametrize("name", WORKFLOWS)
 def test_ui_workflow_matches_its_api_version(server, name):
-    ui = json.loads((REPO / "workflows" / f"{name}.json").read_text())
+    ui = json.loads((REPO / "workflows" / "ui" / f"{name}.json").read_text())
     assert ui == json.loads((REPO / "example_workflows" / f"{name}.json").read_text())
     assert (REPO / "example_workflows" / f"{name}.jpg").is_file()
     ui["nodes"] = [n for n in ui["nodes"] if n["type"] not in FRONTEND_ONLY]
     api = {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in load_api(name).items()}
     assert ui_to_api(ui, object_info(server)) == api
+
+
+def test_template_browser_lists_exactly_the_example_workflows(server):
+    """ComfyUI lists */workflows/*.json too: the API-format graphs must stay out of the template browser."""
+    with urllib.request.urlopen(f"{server.url}/workflow_templates", timeout=30) as r:
+        templates = json.load(r)
+    assert sorted(templates["teasr"]) == WORKFLOWS
+    for name in WORKFLOWS:
+        with urllib.request.urlopen(f"{server.url}/api/workflow_templates/teasr/{name}.json", timeout=30) as r:
+            assert json.load(r) == json.loads((REPO / "example_workflows" / f"{name}.json").read_text())
 
 
 # ---- the shipped workflows ---------------------------------------------------------------------------

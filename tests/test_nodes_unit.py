@@ -349,6 +349,23 @@ def test_cpu_memory_estimate_matches_the_documented_formula(pack, tiny):
     assert tiny.window_bytes(64, 64) == int(4 * cfg.width * (16 + 3 * cfg.mlp_ratio) * tokens)
 
 
+def test_cuda_cost_is_fitted_from_two_probe_forwards(pack, tiny, monkeypatch):
+    """The probe arithmetic, with CUDA's allocator statistics faked (no GPU here): peak = a n + c n^2."""
+    per_token, per_pair, seen = 3000.0, 0.5, []
+    real_forward = tiny.dit.forward
+
+    def forward(x, cond, sigma, target, context=None):
+        seen.append(2 * (x.shape[-2] // 2) * (x.shape[-1] // 2) + tiny.dit.cfg.null_context_tokens)
+        return real_forward(x, cond, sigma, target, context)
+    monkeypatch.setattr(tiny.dit, "forward", forward)
+    for name in ("synchronize", "reset_peak_memory_stats"):
+        monkeypatch.setattr(torch.cuda, name, lambda *a: None)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda *a: 10**9)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a: 10**9 + per_token * seen[-1] + per_pair * seen[-1] ** 2)
+    a, c = pack.nodes.model.measure_token_cost(tiny.dit, torch.device("cpu"))
+    assert len(seen) == 2 and a == pytest.approx(per_token) and c == pytest.approx(per_pair)
+
+
 def fake_memory_limit(monkeypatch, model, max_latent_side, calls):
     """The DiT raises CUDA's OOM error for windows larger than max_latent_side (a small GPU)."""
     real_forward = model.dit.forward
