@@ -431,10 +431,13 @@ def test_conditioning_is_required_by_text_models_and_ignored_by_others(pack, tea
 
 
 # ---- packaging ---------------------------------------------------------------------------------------
-def test_pyproject_matches_requirements_and_pins_comfyui():
+def test_pyproject_matches_requirements_and_pins_comfyui(pack):
     import tomllib
+    from teasr_pack.teasr_core.checkpoint import BUNDLED_CHECKPOINT
     project = tomllib.loads((REPO / "pyproject.toml").read_text())
     lines = [line.split("#")[0].strip() for line in (REPO / "requirements.txt").read_text().splitlines()]
     assert project["project"]["dependencies"] == [line for line in lines if line]
     assert project["tool"]["comfy"]["requires-comfyui"] == ">=0.3.75"
+    shipped = [REPO / path for path in project["tool"]["comfy"]["includes"]]
+    assert any(folder in BUNDLED_CHECKPOINT.parents for folder in shipped), "the bundled model must ship"
     assert project["project"]["urls"]["Repository"]
