@@ -53,18 +53,18 @@ def _cell_seed(*key: int) -> int:
     return int.from_bytes(hashlib.blake2b(repr(key).encode(), digest_size=8).digest(), "little") >> 1
 
 
-def noise_field(seed: int, stream: int, batch_index: int, channels: int, y0: int, x0: int, h: int, w: int,
+def noise_field(seed: int, stream: int, channels: int, y0: int, x0: int, h: int, w: int,
                 device=None, dtype=torch.float32) -> torch.Tensor:
     """Gaussian noise [channels, h, w] for the latent window at (y0, x0), a pure function of position.
 
     Each NOISE_CELL x NOISE_CELL cell of the infinite latent plane has its own generator seeded by
-    (seed, stream, batch index, cell), so any tiling, tile order, batch size or device sees the same
-    noise at the same place. `stream` separates the initial noise (0) from per-step re-noising (1 + i).
+    (seed, stream, cell), so any tiling, tile order, batch size or device sees the same noise at the
+    same place. `stream` separates the initial noise (0) from per-step re-noising (1 + i).
     """
     out = torch.empty(channels, h, w)
     for cy in range(y0 // NOISE_CELL, (y0 + h - 1) // NOISE_CELL + 1):
         for cx in range(x0 // NOISE_CELL, (x0 + w - 1) // NOISE_CELL + 1):
-            g = torch.Generator().manual_seed(_cell_seed(seed, stream, batch_index, cy, cx))
+            g = torch.Generator().manual_seed(_cell_seed(seed, stream, cy, cx))
             cell = torch.randn(channels, NOISE_CELL, NOISE_CELL, generator=g)
             ys, xs = max(y0, cy * NOISE_CELL), max(x0, cx * NOISE_CELL)
             ye, xe = min(y0 + h, (cy + 1) * NOISE_CELL), min(x0 + w, (cx + 1) * NOISE_CELL)
@@ -74,9 +74,13 @@ def noise_field(seed: int, stream: int, batch_index: int, channels: int, y0: int
 
 
 def batch_noise(seed: int, stream: int, like: torch.Tensor) -> torch.Tensor:
-    """Noise shaped like `like` [B, C, h, w]; image b of the batch uses key (seed, stream, b)."""
+    """Noise shaped like `like` [B, C, h, w], the same for every image of the batch.
+
+    So an image's result does not depend on its position in a batch (the CLI's files, the nodes'
+    batches and video frames all agree), and frames of a clip share their noise.
+    """
     b, c, h, w = like.shape
-    return torch.stack([noise_field(seed, stream, i, c, 0, 0, h, w) for i in range(b)]).to(like.device, like.dtype)
+    return noise_field(seed, stream, c, 0, 0, h, w).to(like.device, like.dtype).expand(b, -1, -1, -1)
 
 
 # ---- samplers -----------------------------------------------------------------------------------
