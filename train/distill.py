@@ -8,6 +8,10 @@
 Outputs under `out`: checkpoints/step-N.safetensors (teasr_core.checkpoint format: the CLI and the
 ComfyUI loader read them unchanged), state/ (resume: safetensors + JSON, no pickle), samples/
 (LR | 1-step | 4-step | HR grids through teasr_core.pipeline.upscale), metrics.jsonl, train.log.
+A metrics row: step, loss (the weighted total), every term unweighted, lr, sec_per_step (the
+optimizer step without data loading), fwd_grad / fwd_nograd (network passes per micro-batch with and
+without autograd; TAD-SR's half-depth discriminator-encoder passes are enc_grad / enc_nograd), and
+peak_mem_mb (CUDA max_memory_allocated during the step) or, on CPU, peak_rss_mb (process peak).
 
 Randomness is counter-based: micro-batch stream k = rank * grad_accum + micro has its own data
 stream and, at every step, a loss-noise generator seeded from (seed, k, step). So resuming replays
@@ -68,6 +72,8 @@ class Dist:
 
 def setup_distributed(cfg: TrainConfig) -> Dist:
     """Process group from torchrun's environment (nccl on CUDA, gloo on CPU); single process otherwise."""
+    if cfg.cpu_threads:
+        torch.set_num_threads(cfg.cpu_threads)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if cfg.device:
@@ -308,8 +314,9 @@ class Trainer:
         values = torch.stack([sums[n] for n in names])
         if self.env.world > 1:
             dist.all_reduce(values, op=dist.ReduceOp.AVG)
+        passes = {k: n // len(batches) for k, n in sorted(self.counts.items())}  # per micro-batch
         row = {"step": self.step, **dict(zip(names, values.tolist())), "lr": lr,
-               "sec_per_step": time.perf_counter() - start, **dict(sorted(self.counts.items()))}
+               "sec_per_step": time.perf_counter() - start, **passes}
         if device.type == "cuda":
             row["peak_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
         else:

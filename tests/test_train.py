@@ -1,0 +1,188 @@
+"""The distillation trainer on the CPU: losses fall, resume is bit-exact, DDP/FSDP match one process,
+checkpoints load in the core library and CLI, and the TAD-SR baseline runs with its cost fields.
+
+Every run is the tiny preset on 64 px crops of the shared photo pool, one CPU thread (faster than
+two on a busy machine, and it keeps float reductions in one fixed order).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from conftest import REPO, shared_path
+from teasr_core.checkpoint import load_checkpoint, read_metadata
+from teasr_core.lora import dual_lora_layers
+from train.config import TrainConfig, parse_config
+from train.distill import main
+from train.objectives.teasr import rcgm_target
+from train.state import join_tree, split_tree
+
+STEPS = 30
+TIMING = ("sec_per_step", "peak_rss_mb", "peak_mem_mb")
+
+
+def pool() -> Path:
+    return shared_path("data", "train_pool")
+
+
+def tiny_args(out: Path, *extra: str) -> list[str]:
+    return ["--preset", "tiny", "--data", str(pool()), "--out", str(out), "--crop", "64", "--batch", "4",
+            "--lr", "1e-3", "--sample-every", "0", "--cpu-threads", "1", *extra]
+
+
+def train(*argv: str) -> None:
+    """One in-process training run; the thread count it sets is restored for the other tests."""
+    threads = torch.get_num_threads()
+    try:
+        main(list(argv))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(row: dict) -> dict:
+    return {k: v for k, v in row.items() if k not in TIMING}
+
+
+def checkpoint(out: Path, step: int) -> Path:
+    return out / "checkpoints" / f"step-{step:08d}.safetensors"
+
+
+@pytest.fixture(scope="module")
+def run30(tmp_path_factory) -> Path:
+    """30 TEASR steps with EMA, a checkpoint every 6 and a sample grid at the end."""
+    out = tmp_path_factory.mktemp("run30")
+    train(*tiny_args(out, "--max-steps", str(STEPS), "--ckpt-every", "6", "--ema-decay", "0.9",
+                     "--sample-every", str(STEPS), "--sample-images", "2"))
+    return out
+
+
+def test_every_optimised_term_falls(run30):
+    log = rows(run30)
+    assert [r["step"] for r in log] == list(range(1, STEPS + 1))
+    assert all(r["fwd_grad"] == 4 and r["fwd_nograd"] == 5 for r in log), "TEASR's cost per step changed"
+    mean = lambda rs, k: sum(r[k] for r in rs) / len(rs)
+    terms = ["loss", "any", "e2e", "fm", "adv", "pix_mse"] + (["pix_lpips"] if "pix_lpips" in log[0] else [])
+    for term in terms:
+        first, last = mean(log[:5], term), mean(log[-5:], term)
+        assert last < first, f"{term}: mean of the first 5 steps {first:.4g}, of the last 5 {last:.4g}"
+    # L_rect's value is mean(dv^2), the fake-vs-real velocity gap: exactly 0 at init (both flows are
+    # one network) and opened by L_adv learning the fake flow; its gradient, not its value, is the signal.
+    assert 0 < mean(log[-5:], "rect") < 1 and mean(log[-5:], "rect") > mean(log[:5], "rect")
+    assert (run30 / "samples" / f"step-{STEPS:08d}.png").is_file()
+
+
+def test_resume_is_bit_exact(run30, tmp_path):
+    train(*tiny_args(tmp_path, "--max-steps", "3", "--ckpt-every", "6", "--ema-decay", "0.9"))
+    train(*tiny_args(tmp_path, "--max-steps", "6", "--ckpt-every", "6", "--ema-decay", "0.9", "--resume"))
+    resumed, straight = rows(tmp_path), rows(run30)[:6]
+    assert [r["step"] for r in resumed] == list(range(1, 7))
+    for a, b in zip(resumed[3:], straight[3:]):
+        assert losses(a) == losses(b)
+    a, b = load_file(checkpoint(tmp_path, 6)), load_file(checkpoint(run30, 6))  # EMA weights
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("engine", ["ddp", "fsdp"])
+def test_two_processes_match_one(engine, tmp_path):
+    """2 gloo processes x batch 2 == 1 process x batch 2 x grad_accum 2: the same micro-batch streams."""
+    base = ["--preset", "tiny", "--data", str(pool()), "--crop", "64", "--batch", "2", "--lr", "1e-3",
+            "--sample-every", "0", "--max-steps", "3", "--cpu-threads", "1"]
+    train(*base, "--grad-accum", "2", "--out", str(tmp_path / "one"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "train.distill", *base, "--out", str(tmp_path / "two")] + (["--fsdp"] if engine == "fsdp" else [])
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for a, b in zip(rows(tmp_path / "one"), rows(tmp_path / "two"), strict=True):
+        for k, v in losses(a).items():
+            assert b[k] == pytest.approx(v, rel=1e-4, abs=1e-6), k
+    a, b = load_file(checkpoint(tmp_path / "one", 3)), load_file(checkpoint(tmp_path / "two", 3))
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+def test_checkpoint_upscales_through_the_cli(run30, tmp_path):
+    lr = Image.open(sorted(pool().rglob("*.jpg"))[0]).convert("RGB").crop((0, 0, 40, 24))
+    lr.save(tmp_path / "lr.png")
+    ckpt = checkpoint(run30, STEPS)
+    assert read_metadata(ckpt)["kind"] == "full" and read_metadata(ckpt)["training"]["step"] == STEPS
+    done = subprocess.run([sys.executable, "-m", "teasr_core", "upscale", str(tmp_path / "lr.png"),
+                           str(tmp_path / "sr.png"), "--checkpoint", str(ckpt), "--steps", "2", "--device", "cpu"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert Image.open(tmp_path / "sr.png").size == (160, 96)
+
+
+def test_lora_on_a_checkpoint_base(run30, tmp_path):
+    """LoRA (fp8 base) from a trained checkpoint: the delta loads on that base; merged is self-contained."""
+    base = checkpoint(run30, STEPS)
+    for mode in ("delta", "merged"):
+        out = tmp_path / mode
+        train(*tiny_args(out, "--base", str(base), "--no-full-finetune", "--lora-ranks", "4", "2", "--fp8-base",
+                         "--lora-save", mode, "--max-steps", "2"))
+        ckpt = checkpoint(out, 2)
+        kind = read_metadata(ckpt)["kind"]
+        assert kind == ("lora" if mode == "delta" else "full")
+        model = load_checkpoint(ckpt, base=base if kind == "lora" else None).dit
+        x = torch.randn(1, model.cfg.in_channels, 8, 8)
+        assert torch.isfinite(model(x, x, torch.tensor([0.5]), torch.tensor([0.0]))).all()
+        ranks = {layer.ranks for _, layer in dual_lora_layers(model) if any(layer.ranks)}
+        assert ranks == ({(4, 2)} if mode == "delta" else {(0, 6)})  # merged: noise LoRA folded into the base
+    assert any(k.startswith("time_text_embed_2") for k in load_file(checkpoint(tmp_path / "delta", 2)))
+
+
+def test_tadsr_runs_and_logs_its_cost(tmp_path):
+    train(*tiny_args(tmp_path, "--objective", "tadsr", "--max-steps", "3", "--batch", "2"))
+    log = rows(tmp_path)
+    assert len(log) == 3
+    for r in log:
+        assert {"reg", "hfsd", "gan", "disc", "loss"} <= r.keys()
+        assert r["sec_per_step"] > 0 and ("peak_mem_mb" in r or r["peak_rss_mb"] > 0)
+        # student 1 pass with grad; teacher 4 rollout + 2 HFSD passes; discriminator: half-depth encoder
+        assert (r["fwd_grad"], r["fwd_nograd"], r["enc_grad"], r["enc_nograd"]) == (1, 6, 1, 1)
+    assert read_metadata(checkpoint(tmp_path, 3))["training"]["objective"] == "tadsr"
+
+
+def test_rcgm_target_is_exact_for_a_true_flow_map():
+    """For one data point the straight path is the flow: v* at every (sigma, target) has zero residual."""
+    x0 = torch.randn(3, 4, 2, 2)
+    eps = torch.randn_like(x0)
+    sigma, target = torch.tensor([0.9, 0.5, 0.012]), torch.tensor([0.0, 0.3, 0.011])
+    x_t = (1 - sigma.view(-1, 1, 1, 1)) * x0 + sigma.view(-1, 1, 1, 1) * eps
+    net = lambda x, cond, s, t: (x - x0) / s.view(-1, 1, 1, 1)  # noqa: E731  (exact average velocity)
+    v = eps - x0
+    # atol: the identity divides by dt = 0.01, so float32 round-off of the path grows 100x
+    assert torch.allclose(rcgm_target(net, x_t, None, v, sigma, target, v, 0.01, 2), v, atol=1e-4)
+    wrong = v + 5.0  # the clamp bounds the correction per step to 1
+    assert torch.allclose(rcgm_target(net, x_t, None, v, sigma, target, wrong, 0.01, 2), wrong - 1)
+
+
+def test_config_file_documents_every_option_and_flags_override_it():
+    default = REPO / "train" / "configs" / "default.toml"
+    assert parse_config(["--config", str(default)]) == TrainConfig()
+    text = default.read_text()
+    assert all(f"\n{name} = " in text for name in TrainConfig().to_dict())
+    cfg = parse_config(["--config", str(default), "--max-steps", "7", "--no-full-finetune", "--lora-ranks", "8", "8"])
+    assert (cfg.max_steps, cfg.full_finetune, cfg.lora_ranks) == (7, False, (8, 8))
+    with pytest.raises(ValueError):
+        parse_config(["--lora-ranks", "8", "8"])  # full fine-tune and LoRA at once
+
+
+def test_state_tree_round_trip():
+    tree = {"a": torch.arange(3), "opt": {"state": {0: {"step": torch.tensor(2.0)}}, "groups": [{"betas": [0.9, 0.99]}]},
+            "n": None, "s": "x"}
+    tensors = {}
+    back = join_tree(json.loads(json.dumps(split_tree(tree, tensors))), tensors)
+    assert back["opt"]["state"][0]["step"] == 2.0 and torch.equal(back["a"], tree["a"])
+    assert back["opt"]["groups"] == tree["opt"]["groups"] and back["n"] is None and back["s"] == "x"
