@@ -15,11 +15,13 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from conftest import REPO, shared_path
-from teasr_core.checkpoint import load_checkpoint, read_metadata
+from teasr_core.checkpoint import _is_delta_key, load_checkpoint, read_metadata
 from teasr_core.lora import dual_lora_layers
+from teasr_core.model import DualBranchDiT, preset
+from train import bench_step
 from train.config import TrainConfig, parse_config
 from train.distill import main
 from train.objectives.teasr import rcgm_target
@@ -140,6 +142,33 @@ def test_lora_on_a_checkpoint_base(run30, tmp_path):
         ranks = {layer.ranks for _, layer in dual_lora_layers(model) if any(layer.ranks)}
         assert ranks == ({(4, 2)} if mode == "delta" else {(0, 6)})  # merged: noise LoRA folded into the base
     assert any(k.startswith("time_text_embed_2") for k in load_file(checkpoint(tmp_path / "delta", 2)))
+
+
+def test_lora_on_a_qwen_image_layout_base(tmp_path):
+    """A base in Qwen-Image's layout (text stream, no TEASR tensors) trains as LoRA with a fixed context."""
+    base_file, context_file = tmp_path / "base.safetensors", tmp_path / "context.safetensors"
+    base = DualBranchDiT(preset("tiny", context_dim=40))
+    save_file({k: v for k, v in base.state_dict().items() if not _is_delta_key(k)}, base_file)
+    save_file({"context": torch.randn(5, 40)}, context_file)
+    train(*tiny_args(tmp_path / "run", "--base", str(base_file), "--context-file", str(context_file),
+                     "--no-full-finetune", "--lora-ranks", "4", "4", "--max-steps", "2", "--batch", "2"))
+    ckpt = checkpoint(tmp_path / "run", 2)
+    assert read_metadata(ckpt)["kind"] == "lora"
+    model = load_checkpoint(ckpt, base=base_file).dit
+    x = torch.randn(1, 48, 8, 8)
+    assert torch.isfinite(model(x, x, torch.tensor([0.5]), torch.tensor([0.0]), torch.randn(1, 5, 40))).all()
+
+
+def test_bench_step_smoke(capsys):
+    threads = torch.get_num_threads()
+    try:
+        bench_step.main(["--preset", "tiny", "--resolution", "64", "--rank", "4", "--fp8", "--batch", "2",
+                         "--warmup", "0", "--repeat", "1", "--cpu-threads", "1"])
+    finally:
+        torch.set_num_threads(threads)
+    table = capsys.readouterr().out
+    assert "teasr " in table and "fwd_grad=4 fwd_nograd=5" in table
+    assert "tadsr " in table and "enc_grad=1 enc_nograd=1 fwd_grad=1 fwd_nograd=6" in table
 
 
 def test_tadsr_runs_and_logs_its_cost(tmp_path):

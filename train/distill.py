@@ -37,14 +37,15 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
-from teasr_core.checkpoint import (_is_delta_key, infer_qwen_image_config, load_checkpoint, load_qwen_image_base,
-                                   read_metadata, save_checkpoint, CheckpointError)
+from teasr_core.checkpoint import (CheckpointError, _is_delta_key, infer_qwen_image_config, load_checkpoint,
+                                   load_qwen_image_base, read_metadata, save_checkpoint)
 from teasr_core.codecs import PixelCodec
 from teasr_core.model import DualBranchDiT, preset
-from teasr_core.pipeline import Upscaler, UpscaleSettings, upscale
+from teasr_core.pipeline import Upscaler, UpscaleSettings, codec_from_config, upscale
 
 from .config import TrainConfig, parse_config
 from .data import PairStream, upsample_lr
+from .degrade import DegradationConfig
 from .objectives import PassCounter, build_objective
 from .state import latest_state, load_state, rng_state, save_state, set_rng_state
 
@@ -125,13 +126,17 @@ def build_model(cfg: TrainConfig, device, seed: int) -> ModelSetup:
         codec, codec_config = make_codec(cfg, base_cfg.in_channels, device)
         dit_cfg = _with_lora(cfg, replace(base_cfg, in_channels=codec.channels))
         torch.manual_seed(seed)
-        with torch.device(device):
-            dit = DualBranchDiT(dit_cfg)
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)  # a 20 B preset never exists in fp32
+        try:
+            with torch.device(device):
+                dit = DualBranchDiT(dit_cfg)
+        finally:
+            torch.set_default_dtype(default)
         name = cfg.preset
     elif _is_teasr_checkpoint(cfg.base):
         ckpt = load_checkpoint(cfg.base, device=device)
         codec_config = ckpt.codec
-        from teasr_core.pipeline import codec_from_config
         codec = codec_from_config(codec_config, device=device)
         if codec_config.get("name") != cfg.codec:
             log.warning("the base checkpoint's codec %s is used (config says %r)", codec_config, cfg.codec)
@@ -259,15 +264,17 @@ class Trainer:
         cfg = self.cfg
         if not cfg.data:
             raise ValueError("no training data: pass --data DIR (a folder of HR photos)")
+        degradation = DegradationConfig(scale=cfg.scale)
         for k in self.stream_ids:
             stream = PairStream(cfg.data, crop=cfg.crop, batch_size=cfg.batch, seed=mix_seed(cfg.seed, "data", k),
-                                device=self.env.device, cache=cfg.cache_images)
+                                device=self.env.device, degradation=degradation, cache=cfg.cache_images)
             if self.streams:
                 stream.images = self.streams[0].images  # one decoded-photo cache per process
             self.streams.append(stream)
         if cfg.sample_every and (self.env.main or (cfg.fsdp and self.env.world > 1)):  # FSDP samples collectively
             val = PairStream(cfg.val_data or cfg.data, crop=cfg.crop, batch_size=cfg.sample_images,
-                             seed=mix_seed(cfg.seed, "val"), device=self.env.device, cache=False)
+                             seed=mix_seed(cfg.seed, "val"), device=self.env.device, degradation=degradation,
+                             cache=False)
             self.val_batch = next(val)
 
     # ---- one optimizer step -------------------------------------------------------------------
@@ -503,7 +510,7 @@ def load_lpips(device):
     try:
         return LPIPS().to(device)
     except MissingWeightsError as e:
-        log.warning("LPIPS disabled: %s", e)
+        log.warning("LPIPS disabled, the perceptual term is off (pixel MSE only): %s", e)
         return None
 
 

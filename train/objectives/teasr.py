@@ -24,13 +24,9 @@ same "RNG" as the prediction trivially; the precursor restores the CUDA RNG stat
 """
 from __future__ import annotations
 
-import logging
-
 import torch
 
 from . import gaussian_like, mse, noised, per_sample, uniform
-
-log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
@@ -152,13 +148,14 @@ def loss_pixel(codec, lpips, x_fake, hr, sigma_e2e):
 
 
 class TeasrObjective:
-    """The weighted sum of the terms above; weights and noise-level ranges from the config."""
+    """The weighted sum of the terms above; weights and noise-level ranges from the config.
+
+    `lpips` is None when its weights are absent (the trainer logs that) or w_lpips = 0.
+    """
 
     def __init__(self, cfg, codec, lpips):
         self.cfg, self.codec = cfg, codec
         self.lpips = lpips if cfg.w_lpips > 0 else None
-        if cfg.w_lpips > 0 and lpips is None:
-            log.warning("LPIPS weights unavailable: the perceptual term is disabled (pixel MSE only)")
 
     def __call__(self, net, x0, cond, hr, generator):
         cfg = self.cfg

@@ -1,0 +1,112 @@
+"""Cost of ONE distillation step, TEASR vs TAD-SR, in the same process: seconds/step and peak memory.
+
+    python -m train.bench_step --preset qwen-image --resolution 512 --rank 128 --fp8 --grad-ckpt
+    python -m train.bench_step --preset tiny --resolution 64 --rank 4 --fp8      # CPU smoke test
+
+Both objectives run the trainer's own step (`Trainer.train_step`) on a fresh init of the preset with
+LoRA rank r on both branches, on random HR images (LR = 4x area downscale). On CUDA the frozen base
+is bf16 (fp8 with --fp8) under bf16 autocast; peak memory is torch.cuda.max_memory_allocated over
+the step, weights and optimizer state included. On CPU the memory column is the process's peak RSS
+(cumulative over the run, so only the first objective's figure is its own).
+
+Latents: the pixel codec at scale 8 (`--pixel-scale`), which gives the token count of a VAE-f8
+latent (512 px -> 32 x 32 tokens per branch with patch 2); the model's input layer is sized to it.
+TEASR's pixel terms then decode by pixel-shuffle, so a real VAE decoder's backward is not counted.
+Presets with a text stream get `--context-tokens` random context tokens.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from teasr_core.model import preset
+
+from .config import TrainConfig
+from .distill import Dist, Trainer
+
+
+def bench(cfg: TrainConfig, device: torch.device, warmup: int, repeat: int) -> dict:
+    """Median seconds and max peak memory over `repeat` steps after `warmup` steps."""
+    trainer = Trainer(cfg, Dist(device=device))
+    generator = torch.Generator(device).manual_seed(0)
+    hr = torch.rand(cfg.batch, 3, cfg.crop, cfg.crop, generator=generator, device=device)
+    lr = F.avg_pool2d(hr, cfg.scale)
+    rows = [trainer.train_step([(lr, hr)]) for _ in range(warmup + repeat)][warmup:]
+    result = {
+        "objective": cfg.objective,
+        "trained_M": sum(p.numel() for p in trainer.params) / 1e6,
+        "passes": " ".join(f"{k}={v}" for k, v in rows[-1].items() if k.startswith(("fwd_", "enc_"))),
+        "sec_per_step": statistics.median(r["sec_per_step"] for r in rows),
+        "peak_GB": max(r.get("peak_mem_mb", r.get("peak_rss_mb", 0)) for r in rows) / 1024,
+        "lpips": cfg.objective == "teasr" and trainer.lpips is not None,
+    }
+    del trainer
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m train.bench_step", description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="small")
+    ap.add_argument("--resolution", type=int, default=512, help="HR crop side in pixels")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--rank", type=int, default=128, help="LoRA rank per branch; 0 = full fine-tune")
+    ap.add_argument("--fp8", action="store_true", help="fp8 e4m3 storage of the frozen base")
+    ap.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing")
+    ap.add_argument("--pixel-scale", type=int, default=8)
+    ap.add_argument("--context-tokens", type=int, default=32, help="random context tokens for text-stream presets")
+    ap.add_argument("--teacher-steps", type=int, default=4, help="TAD-SR teacher rollout steps")
+    ap.add_argument("--rcgm-substeps", type=int, default=2)
+    ap.add_argument("--objectives", default="teasr,tadsr")
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--cpu-threads", type=int, default=0)
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    if args.cpu_threads:
+        torch.set_num_threads(args.cpu_threads)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    lora = dict(full_finetune=False, lora_ranks=(args.rank, args.rank)) if args.rank else dict(full_finetune=True)
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        context_file = ""
+        context_dim = preset(args.preset).context_dim
+        if context_dim:
+            context_file = str(Path(tmp) / "context.safetensors")
+            save_file({"context": torch.randn(args.context_tokens, context_dim)}, context_file)
+        for objective in args.objectives.split(","):
+            cfg = TrainConfig(preset=args.preset, objective=objective, crop=args.resolution, batch=args.batch,
+                              pixel_scale=args.pixel_scale, fp8_base=args.fp8, gradient_checkpointing=args.grad_ckpt,
+                              base_dtype="bf16" if device.type == "cuda" else "fp32", context_file=context_file,
+                              teacher_steps=args.teacher_steps, rcgm_substeps=args.rcgm_substeps,
+                              sample_every=0, out=tmp, **lora)
+            results.append(bench(cfg, device, args.warmup, args.repeat))
+    memory = "peak CUDA GB" if device.type == "cuda" else "peak RSS GB"
+    print(f"\n{args.preset} @ {args.resolution}px, batch {args.batch}, LoRA rank {args.rank or 'full'}, "
+          f"fp8 {'on' if args.fp8 else 'off'}, grad-ckpt {'on' if args.grad_ckpt else 'off'}, {device} "
+          f"({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'})")
+    header = f"{'objective':<10} {'trained M':>10} {'sec/step':>9} {memory:>13}  passes per step"
+    print(header + "\n" + "-" * (len(header) + 30))
+    for r in results:
+        note = "" if r["objective"] != "teasr" or r["lpips"] else "  (LPIPS off: no weights)"
+        print(f"{r['objective']:<10} {r['trained_M']:>10.2f} {r['sec_per_step']:>9.3f} {r['peak_GB']:>13.2f}  "
+              f"{r['passes']}{note}")
+    if len(results) == 2 and device.type == "cuda":
+        teasr, tadsr = results
+        print(f"TEASR / TAD-SR: memory x{teasr['peak_GB'] / tadsr['peak_GB']:.2f}, "
+              f"time x{teasr['sec_per_step'] / tadsr['sec_per_step']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
