@@ -172,8 +172,12 @@ def test_bench_step_smoke(capsys):
 
 
 def test_tadsr_runs_and_logs_its_cost(tmp_path):
+    """Also resumes exactly: the discriminator and its optimizer are part of the training state."""
     train(*tiny_args(tmp_path, "--objective", "tadsr", "--max-steps", "3", "--batch", "2"))
+    for steps, resume in (("2", ()), ("3", ("--resume",))):
+        train(*tiny_args(tmp_path / "resumed", "--objective", "tadsr", "--max-steps", steps, "--batch", "2", *resume))
     log = rows(tmp_path)
+    assert losses(rows(tmp_path / "resumed")[2]) == losses(log[2])
     assert len(log) == 3
     for r in log:
         assert {"reg", "hfsd", "gan", "disc", "loss"} <= r.keys()
