@@ -4,8 +4,8 @@ Ours gets `tokens` noise + `tokens` LR tokens + `context` context tokens (the du
 ComfyUI's model gets the same 2 * tokens image tokens + context tokens. Random weights, bf16 on CUDA.
 Also reports FLOPs per token-matmul (modulation counted once per sample) and % of a matmul ceiling.
 
-  python benchmarks/bench_forward.py --preset qwen-image --side 64 --context 32 --lora-rank 128 [--fp8]
-  (--side 64 -> a 64x64 latent = 1024^2 output with an 8x VAE: 4096 noise + 4096 LR tokens)
+  python benchmarks/bench_forward.py --preset qwen-image --side 128 --context 32 --lora-rank 128 [--fp8]
+  (--side 128 -> a 128x128 latent = 1024^2 output with an 8x VAE -> 64x64 = 4096 noise + 4096 LR tokens)
 """
 from __future__ import annotations
 
@@ -74,7 +74,7 @@ def matmul_flops(cfg, image_tokens: int, context_tokens: int) -> float:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="qwen-image")
-    ap.add_argument("--side", type=int, default=64, help="latent side before patching (64 -> 1024^2 output)")
+    ap.add_argument("--side", type=int, default=128, help="latent side before patching (128 -> 1024^2 output)")
     ap.add_argument("--context", type=int, default=32)
     ap.add_argument("--lora-rank", type=int, default=128)
     ap.add_argument("--fp8", action="store_true")
