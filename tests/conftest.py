@@ -6,6 +6,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+from teasr_core.checkpoint import save_checkpoint
+from teasr_core.model import DualBranchDiT, preset
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("TEASR_SHARED", REPO.parent / "shared"))
@@ -35,3 +39,12 @@ def comfy():
     import comfy.ops  # noqa: F401  (after args.cpu, or model_management asserts CUDA)
     import comfy
     return comfy
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    """A random `tiny` pixel-codec checkpoint (scale 4), for CLI-level tests."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
+    save_checkpoint(path, DualBranchDiT(preset("tiny")), {"name": "pixel", "scale": 4}, preset="tiny")
+    return path

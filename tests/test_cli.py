@@ -10,19 +10,10 @@ import torch
 from PIL import Image
 
 from teasr_core.__main__ import main
-from teasr_core.checkpoint import save_checkpoint
 from teasr_core.imageio import read_image, write_image
-from teasr_core.model import DualBranchDiT, preset
 
 from conftest import REPO, shared_path
 
-
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
-    save_checkpoint(path, DualBranchDiT(preset("tiny")), {"name": "pixel", "scale": 4}, preset="tiny")
-    return path
 
 
 def run(args, ckpt):

@@ -7,21 +7,12 @@ import pytest
 import torch
 
 from teasr_core.__main__ import main
-from teasr_core.checkpoint import save_checkpoint
 from teasr_core.evaluate import pair_files
 from teasr_core.imageio import read_image
 from teasr_core.metrics import psnr_y
-from teasr_core.model import DualBranchDiT, preset
 
 from conftest import shared_path
 
-
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
-    save_checkpoint(path, DualBranchDiT(preset("tiny")), {"name": "pixel", "scale": 4}, preset="tiny")
-    return path
 
 
 def test_eval_writes_per_image_and_mean_scores(tmp_path, tiny_ckpt):
