@@ -41,6 +41,11 @@ class DiTConfig:
     lora_ranks: tuple[int, int] = (0, 0)  # (noise branch, condition branch)
     lora_alphas: tuple[float, float] | None = None
     eps: float = 1e-6
+    # What the last layer emits. "velocity": F itself (Qwen-Image). "sample": the clean sample D, with
+    # F = (x - D) / sigma. Pixel tokens (16 x 16 x 3 = 768 values) are wider than a small model, which
+    # cannot carry the input noise through to a velocity; predicting D lets the skip x carry it
+    # ("Back to Basics: Let Denoising Generative Models Denoise", Li & He 2025).
+    prediction: str = "velocity"
 
     @property
     def width(self) -> int:
@@ -62,12 +67,17 @@ PRESETS: dict[str, DiTConfig] = {
     # unit tests: < 2 M parameters
     "tiny": DiTConfig(depth=2, heads=2, head_dim=32, in_channels=48, rope_axes=(8, 12, 12)),
     # the bundled default (pixel codec, scale 8): ~9.5 M parameters, fits the 20 MB repo budget in fp16
-    "small": DiTConfig(depth=4, heads=4, head_dim=64, in_channels=192, mlp_ratio=3.0, rope_axes=(16, 24, 24)),
+    "small": DiTConfig(depth=4, heads=4, head_dim=64, in_channels=192, mlp_ratio=3.0, rope_axes=(16, 24, 24),
+                       prediction="sample"),
     # mid-size, for trainer comparisons that fit one GPU both ways
     "base": DiTConfig(depth=12, heads=12, head_dim=64, in_channels=16, context_dim=None, rope_axes=(16, 24, 24)),
     # Qwen-Image (20.4 B): 60 blocks, 3072 wide, 24 heads, context 3584, 16-channel latent
     "qwen-image": DiTConfig(depth=60, heads=24, head_dim=128, in_channels=16, context_dim=3584),
 }
+
+
+PREDICTIONS = ("velocity", "sample")
+SIGMA_FLOOR = 0.05  # "sample" models: F = (x - D) / max(sigma, SIGMA_FLOOR), so small sigma cannot blow up
 
 
 def preset(name: str, **overrides) -> DiTConfig:
@@ -213,6 +223,8 @@ class DualBranchDiT(nn.Module):
         super().__init__()
         if sum(cfg.rope_axes) != cfg.head_dim:
             raise ValueError(f"rope_axes {cfg.rope_axes} must sum to head_dim {cfg.head_dim}")
+        if cfg.prediction not in PREDICTIONS:
+            raise ValueError(f"prediction must be one of {PREDICTIONS}, got {cfg.prediction!r}")
         self.cfg = cfg
         dim = cfg.width
         token_dim = cfg.in_channels * cfg.patch ** 2
@@ -297,8 +309,10 @@ class DualBranchDiT(nn.Module):
             else:
                 img, txt = block(img, txt, emb_branches, emb, rope, split)
 
-        out = self.proj_out(self.norm_out(img[:, :split], emb))
-        return self.unpatchify(out, h, w).to(x.dtype)
+        out = self.unpatchify(self.proj_out(self.norm_out(img[:, :split], emb)), h, w).float()
+        if self.cfg.prediction == "sample":
+            out = (x.float() - out) / sigma.float().clamp_min(SIGMA_FLOOR).view(-1, 1, 1, 1)
+        return out.to(x.dtype)
 
     # ---- parameter groups -----------------------------------------------------------------
     def quantize_base_fp8(self) -> None:

@@ -163,3 +163,18 @@ def test_dtype_cast_keeps_an_fp8_base_and_its_scales():
     q = model.transformer_blocks[0].attn.to_q
     assert q.weight.dtype == torch.float8_e4m3fn and q.weight_scale.dtype == torch.float32
     torch.testing.assert_close(after, before)
+
+
+def test_sample_prediction_returns_the_velocity_to_its_clean_sample():
+    """prediction="sample": the last layer emits D and the model returns F = (x - D) / sigma."""
+    torch.manual_seed(4)
+    cfg = preset("tiny", prediction="sample")
+    model = DualBranchDiT(cfg).eval()
+    velocity_model = DualBranchDiT(preset("tiny")).eval()
+    velocity_model.load_state_dict(model.state_dict())
+    x, cond = torch.randn(2, 48, 4, 4), torch.randn(2, 48, 4, 4)
+    sigma, target = torch.tensor([0.8, 0.01]), torch.tensor([0.0, 0.0])
+    with torch.no_grad():
+        d = velocity_model(x, cond, sigma, target)        # the same network read as a raw output
+        f = model(x, cond, sigma, target)
+    torch.testing.assert_close(x - sigma.clamp_min(0.05).view(-1, 1, 1, 1) * f, d, rtol=1e-5, atol=1e-5)
