@@ -113,9 +113,9 @@ def cmd_eval(args) -> int:
 
     from .evaluate import baseline_methods, evaluate, format_table, pair_files
     pairs = pair_files(args.lr, args.hr)[:args.limit]
-    steps = [int(s) for s in args.steps.split(",")]
-    upscaler = load_upscaler(args)
+    steps = [int(s) for s in args.steps.split(",") if s]
     methods = baseline_methods([b for b in args.baselines.split(",") if b], args.device)
+    upscaler = load_upscaler(args) if steps else None
     for n in steps:
         methods[f"TEASR {n} step{'s' if n > 1 else ''}"] = \
             lambda img, n=n: upscale(upscaler, img, settings_for(args, n, tuple(img.shape[-2:])))
@@ -143,7 +143,7 @@ def main(argv=None) -> int:
     ev = sub.add_parser("eval", help="score TEASR (per step count) and baselines on LR/HR pairs")
     ev.add_argument("--lr", type=Path, required=True, help="folder of LR images")
     ev.add_argument("--hr", type=Path, help="folder of HR images with the same names (omit: no-reference only)")
-    ev.add_argument("--steps", default="1,2,4,8", help="comma-separated step counts")
+    ev.add_argument("--steps", default="1,2,4,8", help="comma-separated step counts ('' = baselines only)")
     ev.add_argument("--baselines", default="bicubic,realesrgan", help="comma-separated: bicubic, realesrgan")
     ev.add_argument("--out", type=Path, required=True, help="results JSON")
     ev.add_argument("--figures", type=Path, help="folder for comparison strips (LR | bicubic | ... | HR)")
