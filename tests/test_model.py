@@ -178,3 +178,12 @@ def test_sample_prediction_returns_the_velocity_to_its_clean_sample():
         d = velocity_model(x, cond, sigma, target)        # the same network read as a raw output
         f = model(x, cond, sigma, target)
     torch.testing.assert_close(x - sigma.clamp_min(0.05).view(-1, 1, 1, 1) * f, d, rtol=1e-5, atol=1e-5)
+
+
+def test_fresh_residual_model_jumps_to_its_condition():
+    """prediction="residual" with the zero-initialised output layer: one jump lands on the LR latent."""
+    model = DualBranchDiT(preset("tiny", prediction="residual")).eval()
+    x, cond = torch.randn(1, 48, 4, 4), torch.randn(1, 48, 4, 4)
+    with torch.no_grad():
+        f = model(x, cond, torch.tensor([1.0]), torch.tensor([0.0]))
+    torch.testing.assert_close(x - f, cond)
