@@ -123,7 +123,7 @@ def cmd_eval(args) -> int:
     with tqdm(total=len(pairs), desc="eval", unit="img") as bar:
         results = evaluate(pairs, methods, args.device, args.figures, order, progress=lambda _: bar.update())
     results.update(lr=str(args.lr), hr=str(args.hr) if args.hr else None,
-                   checkpoint=str(args.checkpoint or "bundled"), seed=args.seed, color_fix=args.color_fix)
+                   checkpoint=str(args.checkpoint or "bundled") if steps else None, seed=args.seed, color_fix=args.color_fix)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1))
     print(format_table(results))
