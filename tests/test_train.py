@@ -24,7 +24,7 @@ from teasr_core.model import DualBranchDiT, preset
 from train import bench_step
 from train.config import TrainConfig, parse_config
 from train.distill import main
-from train.objectives.teasr import rcgm_target
+from train.objectives.teasr import loss_pixel, rcgm_target
 from train.state import join_tree, split_tree
 
 STEPS = 30
@@ -169,6 +169,25 @@ def test_bench_step_smoke(capsys):
     table = capsys.readouterr().out
     assert "teasr " in table and "fwd_grad=4 fwd_nograd=5" in table
     assert "tadsr " in table and "enc_grad=1 enc_nograd=1 fwd_grad=1 fwd_nograd=6" in table
+
+
+def test_zero_weighted_terms_cost_no_passes(tmp_path):
+    """An ablation without L_any and L_adv runs L_e2e (1 + substeps), L_FM (1) and L_rect's two
+    no-grad passes (its fake flow now without grad), and logs only the terms it optimises."""
+    train(*tiny_args(tmp_path, "--max-steps", "2", "--w-any", "0", "--w-adv", "0", "--w-lpips", "0"))
+    log = rows(tmp_path)
+    assert all((r["fwd_grad"], r["fwd_nograd"]) == (2, 4) for r in log)
+    assert {"e2e", "fm", "rect", "pix_mse"} <= log[0].keys() and not {"any", "adv"} & log[0].keys()
+
+
+def test_pixel_weight_at_pure_noise():
+    """weight = 1 - (1 - w_noise) sigma: a start at sigma = 1 counts fully with w_noise = 1, not at all with 0."""
+    codec = type("Identity", (), {"decode": staticmethod(lambda x: x)})
+    hr, fake = torch.zeros(2, 3, 8, 8), torch.full((2, 3, 8, 8), 0.25)
+    sigma = torch.tensor([1.0, 0.5])
+    full, _ = loss_pixel(codec, None, fake, hr, sigma, 1.0)
+    precursor, _ = loss_pixel(codec, None, fake, hr, sigma, 0.0)
+    assert full.item() == pytest.approx(0.25) and precursor.item() == pytest.approx(0.25 * 0.5 / 2)
 
 
 def test_tadsr_runs_and_logs_its_cost(tmp_path):

@@ -87,9 +87,12 @@ class TrainConfig:
     w_fm: float = opt(0.25, "L_FM: flow matching")
     w_adv: float = opt(0.25, "L_adv: fake-flow learning at negative time")
     w_rect: float = opt(0.25, "L_rect: rectification (fake-minus-real velocity)")
-    w_mse: float = opt(1.0, "pixel MSE of the one-step sample ([-1, 1] scale), times (1 - sigma_e2e)")
-    w_lpips: float = opt(1.0, "LPIPS (AlexNet) of the one-step sample, times (1 - sigma_e2e); needs the "
+    w_mse: float = opt(1.0, "pixel MSE of the one-step sample ([-1, 1] scale), times the pixel weight")
+    w_lpips: float = opt(1.0, "LPIPS (AlexNet) of the one-step sample, times the pixel weight; needs the "
                               "converted weights, otherwise off (logged)")
+    pixel_weight_at_noise: float = opt(0.0, "pixel weight of a one-step start at sigma = 1; it falls "
+                                            "linearly from 1 at sigma = 0 (0: the precursor's 1 - sigma; "
+                                            "1: every start, pure noise included, must match the HR)")
     rcgm_dt: float = opt(0.01, "RCGM: the small step (in sigma) between the prediction and its target's start")
     rcgm_substeps: int = opt(2, "RCGM: Euler sub-steps of the model's own flow map building the target")
     any_sigma_min: float = opt(0.01, "L_any: sigma ~ U(0, 1) clamped to at least this")

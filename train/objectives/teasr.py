@@ -129,16 +129,17 @@ def loss_rect(net, f_fake, fake_velocity, x_noised, sigma, cond) -> torch.Tensor
     return mse(f_fake, (f_fake - dv).detach())
 
 
-def loss_pixel(codec, lpips, x_fake, hr, sigma_e2e):
+def loss_pixel(codec, lpips, x_fake, hr, sigma_e2e, weight_at_noise: float):
     """Pixel MSE (on [-1, 1] images) and LPIPS of the decoded one-step sample against the HR.
 
     Why: latent consistency alone says nothing about perceived detail; these anchor the one-step
-    output to the ground truth. Each sample is weighted by (1 - sigma_e2e): starts close to the data
-    must reproduce it, starts from pure noise are free to differ. Returns per-term weighted means
-    (LPIPS None when disabled).
+    output to the ground truth. Each sample is weighted by 1 - (1 - weight_at_noise) sigma_e2e:
+    starts close to the data must reproduce it; how much a start from pure noise must is a choice
+    (the precursor: not at all; super-resolution from one step at sigma = 1: fully, since that is
+    the start the 1-step sampler uses). Returns per-term weighted means (LPIPS None when disabled).
     """
     image = codec.decode(x_fake).float()
-    weight = 1 - sigma_e2e.float()
+    weight = 1 - (1 - weight_at_noise) * sigma_e2e.float()
     mse_per_image = (2 * (image - hr)).pow(2).flatten(1).mean(1)
     pix_mse = (weight * mse_per_image).mean()
     if lpips is None:
@@ -150,7 +151,9 @@ def loss_pixel(codec, lpips, x_fake, hr, sigma_e2e):
 class TeasrObjective:
     """The weighted sum of the terms above; weights and noise-level ranges from the config.
 
-    `lpips` is None when its weights are absent (the trainer logs that) or w_lpips = 0.
+    Terms weighted 0 are not computed (nor logged), so an ablation also saves their passes; L_adv's
+    pass still runs, without grad, when only L_rect needs it. `lpips` is None when its weights are
+    absent (the trainer logs that) or w_lpips = 0.
     """
 
     def __init__(self, cfg, codec, lpips):
@@ -159,16 +162,22 @@ class TeasrObjective:
 
     def __call__(self, net, x0, cond, hr, generator):
         cfg = self.cfg
-        l_any = loss_any(net, x0, cond, generator, cfg)
-        l_e2e, f_fake, x_fake, sigma_e2e = loss_e2e(net, x0, cond, generator, cfg)
-        l_fm = loss_fm(net, x0, cond, generator, cfg)
-        l_adv, fake_velocity, x_noised, sigma_fake = loss_adv(net, x_fake, cond, generator, cfg)
-        l_rect = loss_rect(net, f_fake, fake_velocity, x_noised, sigma_fake, cond)
-        terms = {"any": l_any, "e2e": l_e2e, "fm": l_fm, "adv": l_adv, "rect": l_rect}
-        total = (cfg.w_any * l_any + cfg.w_e2e * l_e2e + cfg.w_fm * l_fm
-                 + cfg.w_adv * l_adv + cfg.w_rect * l_rect)
+        terms = {}
+        if cfg.w_any > 0:
+            terms["any"] = loss_any(net, x0, cond, generator, cfg)
+        terms["e2e"], f_fake, x_fake, sigma_e2e = loss_e2e(net, x0, cond, generator, cfg)
+        if cfg.w_fm > 0:
+            terms["fm"] = loss_fm(net, x0, cond, generator, cfg)
+        if cfg.w_adv > 0 or cfg.w_rect > 0:
+            with torch.set_grad_enabled(torch.is_grad_enabled() and cfg.w_adv > 0):
+                l_adv, fake_velocity, x_noised, sigma_fake = loss_adv(net, x_fake, cond, generator, cfg)
+            if cfg.w_adv > 0:
+                terms["adv"] = l_adv
+            if cfg.w_rect > 0:
+                terms["rect"] = loss_rect(net, f_fake, fake_velocity, x_noised, sigma_fake, cond)
+        total = sum(getattr(cfg, f"w_{name}") * value for name, value in terms.items())
         if cfg.w_mse > 0 or self.lpips is not None:
-            pix_mse, pix_lpips = loss_pixel(self.codec, self.lpips, x_fake, hr, sigma_e2e)
+            pix_mse, pix_lpips = loss_pixel(self.codec, self.lpips, x_fake, hr, sigma_e2e, cfg.pixel_weight_at_noise)
             terms["pix_mse"] = pix_mse
             total = total + cfg.w_mse * pix_mse
             if pix_lpips is not None:
