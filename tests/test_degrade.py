@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from train.data import PairStream, load_rgb8, upsample_lr
+from train.data import ImageFolder, PairStream, load_rgb8, upsample_lr
 from train.degrade import (KERNEL_TYPES, DegradationConfig, degrade, sample_blur_kernels,
                            sample_final_sinc_kernels)
 
@@ -118,6 +118,19 @@ def test_decoder_handles_16_bit_gray(tmp_path):
     gray16 = np.array([[0, 257, 65535]], dtype=np.uint16)
     Image.fromarray(gray16).save(tmp_path / "g.png")
     assert load_rgb8(tmp_path / "g.png").tolist() == [[[0] * 3, [1] * 3, [255] * 3]]
+
+
+def test_hr_downscale_removes_grain_and_keeps_the_crop_size(tmp_path):
+    """Shrinking by 1/2 before cropping averages pixel-level grain away (std falls ~2x for white
+    noise), and photos that end up below the crop are grown back to it."""
+    rng = np.random.default_rng(0)
+    grainy = (128 + 20 * rng.standard_normal((200, 300, 3))).clip(0, 255).astype(np.uint8)
+    Image.fromarray(grainy).save(tmp_path / "grain.png")
+    full, half = ImageFolder(tmp_path)[0], ImageFolder(tmp_path, downscale=0.5)[0]
+    assert half.shape == (100, 150, 3) and half.std() < 0.6 * full.std()
+    assert ImageFolder(tmp_path, min_side=128, downscale=0.5)[0].shape[0] == 128
+    with pytest.raises(ValueError, match="downscale"):
+        ImageFolder(tmp_path, downscale=0)
 
 
 def test_stream_resumes_bit_exactly_across_epochs(tmp_path):

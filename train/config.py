@@ -69,6 +69,8 @@ class TrainConfig:
 
     # ---- data --------------------------------------------------------------------------------
     crop: int = opt(256, "HR crop side in pixels (the LR is crop / scale)")
+    hr_downscale: float = opt(1.0, "shrink every HR photo by this factor (antialiased) before cropping, "
+                                   "so grain and JPEG blocks of the HR are not learned as detail")
     scale: int = opt(4, "super-resolution factor of the degradation")
     cache_images: bool = opt(True, "keep decoded photos in RAM")
 
@@ -98,6 +100,8 @@ class TrainConfig:
     any_sigma_min: float = opt(0.01, "L_any: sigma ~ U(0, 1) clamped to at least this")
     e2e_sigma_range: tuple = opt([0.01, 1.0], "L_e2e: one-step start sigma ~ U(lo, hi) (timestep-aware; "
                                               "[1, 1] = always from pure noise)")
+    e2e_pure_noise_share: float = opt(0.0, "L_e2e: share of one-step starts at exactly sigma = 1 (the "
+                                           "sampler's start); the rest follow e2e_sigma_range")
     fm_gap: float = opt(0.05, "L_FM: sigma_target = sigma - U(0, fm_gap * sigma)")
     fake_sigma_range: tuple = opt([0.02, 0.98], "L_adv / L_rect: sigma of the re-noised one-step sample")
 

@@ -5,6 +5,10 @@ k's image, crop and flip come from a generator seeded with (seed, k), the epoch 
 (seed, epoch) and batch j's degradation from (seed, j). The state is therefore just the seed and two
 counters, and resuming replays nothing.
 
+`hr_downscale` < 1 shrinks every photo (antialiased) before cropping, Real-ESRGAN's multi-scale
+trick: film grain, sensor noise and JPEG blocks of the HR shrink below a pixel, so the model does
+not learn to paint them onto clean photos (the shared pool's BSDS500 scans are grainy).
+
 Images whose short side is below the crop are upscaled (bicubic) until it fits, so every photo is
 usable. Reflect-padding (what Real-ESRGAN does) was the alternative; it keeps the HR sharp but
 teaches mirrored seams as content, while the upscale only softens an already clean target. With
@@ -40,6 +44,14 @@ def load_rgb8(path: str | Path) -> np.ndarray:
         return np.asarray(image.convert("RGB"))
 
 
+def _shrink(array: np.ndarray, factor: float) -> np.ndarray:
+    if factor >= 1:
+        return array
+    h, w = array.shape[:2]
+    return np.asarray(Image.fromarray(array).resize((max(1, round(w * factor)), max(1, round(h * factor))),
+                                                    Image.LANCZOS))
+
+
 def _grow_to(array: np.ndarray, min_side: int) -> np.ndarray:
     h, w = array.shape[:2]
     if min(h, w) >= min_side:
@@ -53,15 +65,18 @@ class ImageFolder:
     """The photos under root (recursive), in a sorted order so indices are stable across machines.
 
     With cache=True decoded images stay in RAM as uint8 (the 480-photo shared pool takes ~0.37 GB).
+    Each is shrunk by `downscale` (<= 1), then grown to `min_side` if still smaller.
     """
 
-    def __init__(self, root: str | Path, min_side: int = 0, cache: bool = True):
+    def __init__(self, root: str | Path, min_side: int = 0, cache: bool = True, downscale: float = 1.0):
         root = Path(root)
         self.paths = sorted((p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()),
                             key=lambda p: p.relative_to(root).as_posix())
         if not self.paths:
             raise FileNotFoundError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {root}")
-        self.min_side = min_side
+        if not 0 < downscale <= 1:
+            raise ValueError(f"HR downscale must be in (0, 1], got {downscale}")
+        self.min_side, self.downscale = min_side, downscale
         self._cache: dict[int, np.ndarray] | None = {} if cache else None
 
     def __len__(self) -> int:
@@ -70,7 +85,7 @@ class ImageFolder:
     def __getitem__(self, index: int) -> np.ndarray:
         if self._cache is not None and index in self._cache:
             return self._cache[index]
-        array = _grow_to(load_rgb8(self.paths[index]), self.min_side)
+        array = _grow_to(_shrink(load_rgb8(self.paths[index]), self.downscale), self.min_side)
         if self._cache is not None:
             self._cache[index] = array
         return array
@@ -97,11 +112,11 @@ class PairStream:
 
     def __init__(self, root: str | Path, *, crop: int = 256, batch_size: int = 8, seed: int = 0,
                  device: str | torch.device = "cpu", degradation: DegradationConfig | None = None,
-                 cache: bool = True):
+                 cache: bool = True, hr_downscale: float = 1.0):
         self.degradation = degradation or DegradationConfig()
         if crop % self.degradation.scale:
             raise ValueError(f"crop {crop} is not a multiple of the scale {self.degradation.scale}")
-        self.images = ImageFolder(root, min_side=crop, cache=cache)
+        self.images = ImageFolder(root, min_side=crop, cache=cache, downscale=hr_downscale)
         self.crop, self.batch_size, self.seed = crop, batch_size, seed
         self.device = torch.device(device)
         self.samples_drawn = 0

@@ -267,14 +267,15 @@ class Trainer:
         degradation = DegradationConfig(scale=cfg.scale)
         for k in self.stream_ids:
             stream = PairStream(cfg.data, crop=cfg.crop, batch_size=cfg.batch, seed=mix_seed(cfg.seed, "data", k),
-                                device=self.env.device, degradation=degradation, cache=cfg.cache_images)
+                                device=self.env.device, degradation=degradation, cache=cfg.cache_images,
+                                hr_downscale=cfg.hr_downscale)
             if self.streams:
                 stream.images = self.streams[0].images  # one decoded-photo cache per process
             self.streams.append(stream)
         if cfg.sample_every and (self.env.main or (cfg.fsdp and self.env.world > 1)):  # FSDP samples collectively
             val = PairStream(cfg.val_data or cfg.data, crop=cfg.crop, batch_size=cfg.sample_images,
                              seed=mix_seed(cfg.seed, "val"), device=self.env.device, degradation=degradation,
-                             cache=False)
+                             cache=False, hr_downscale=cfg.hr_downscale)
             self.val_batch = next(val)
 
     # ---- one optimizer step -------------------------------------------------------------------
