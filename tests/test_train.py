@@ -180,6 +180,15 @@ def test_zero_weighted_terms_cost_no_passes(tmp_path):
     assert {"e2e", "fm", "rect", "pix_mse"} <= log[0].keys() and not {"any", "adv"} & log[0].keys()
 
 
+def test_pixel_regression_only_is_one_pass(tmp_path):
+    """The bundled recipe's objective: the one-step jump scored by the pixel terms alone."""
+    train(*tiny_args(tmp_path, "--max-steps", "2", "--w-any", "0", "--w-e2e", "0", "--w-fm", "0",
+                     "--w-adv", "0", "--w-rect", "0", "--w-lpips", "0", "--e2e-pure-noise-share", "0.5"))
+    log = rows(tmp_path)
+    assert all((r["fwd_grad"], r.get("fwd_nograd", 0)) == (1, 0) for r in log)
+    assert {"loss", "pix_mse"} <= log[0].keys() and log[0]["loss"] == pytest.approx(log[0]["pix_mse"])
+
+
 def test_pixel_weight_at_pure_noise():
     """weight = 1 - (1 - w_noise) sigma: a start at sigma = 1 counts fully with w_noise = 1, not at all with 0."""
     codec = type("Identity", (), {"decode": staticmethod(lambda x: x)})

@@ -74,14 +74,14 @@ def loss_any(net, x0, cond, generator, cfg) -> torch.Tensor:
 def loss_e2e(net, x0, cond, generator, cfg):
     """L_e2e: one-step consistency to sigma_target = 0 from a start drawn over all noise levels.
 
-    A share `e2e_pure_noise_share` of the starts is exactly sigma = 1, the start of every sample:
-    drawn uniformly it is almost never trained, while the pixel terms on easy low-sigma starts
-    look good (the first CPU runs: training MSE fell, 1-step results stayed below bicubic).
-
     Why: drawing the start sigma at random (timestep-aware) rather than always 1 trains the
-    one-step jump that every step of any-step sampling takes from its own noise level. Returns
+    one-step jump that every step of any-step sampling takes from its own noise level. A share
+    `e2e_pure_noise_share` of the starts is exactly sigma = 1, the start of every sample: drawn
+    uniformly it is almost never trained, while the pixel terms on easy low-sigma starts look good
+    (the first CPU runs: training MSE fell, 1-step results stayed below bicubic). Returns
     (loss, F_fake, x_fake, sigma); x_fake = x_t - sigma F_fake keeps its gradient for the
-    rectification and pixel terms.
+    rectification and pixel terms. With w_e2e = 0 only the jump is made (loss None): the pixel
+    terms still score it.
     """
     b = x0.shape[0]
     sigma = uniform(b, *cfg.e2e_sigma_range, generator)
@@ -91,7 +91,9 @@ def loss_e2e(net, x0, cond, generator, cfg):
     eps = gaussian_like(x0, generator)
     x_t, v_star = noised(x0, eps, sigma), eps - x0
     f_fake = net(x_t, cond, sigma, target)
-    loss = mse(f_fake, rcgm_target(net, x_t, cond, v_star, sigma, target, f_fake, cfg.rcgm_dt, cfg.rcgm_substeps))
+    loss = None
+    if cfg.w_e2e > 0:
+        loss = mse(f_fake, rcgm_target(net, x_t, cond, v_star, sigma, target, f_fake, cfg.rcgm_dt, cfg.rcgm_substeps))
     return loss, f_fake, x_t - per_sample(sigma) * f_fake, sigma
 
 
@@ -171,7 +173,9 @@ class TeasrObjective:
         terms = {}
         if cfg.w_any > 0:
             terms["any"] = loss_any(net, x0, cond, generator, cfg)
-        terms["e2e"], f_fake, x_fake, sigma_e2e = loss_e2e(net, x0, cond, generator, cfg)
+        l_e2e, f_fake, x_fake, sigma_e2e = loss_e2e(net, x0, cond, generator, cfg)
+        if l_e2e is not None:
+            terms["e2e"] = l_e2e
         if cfg.w_fm > 0:
             terms["fm"] = loss_fm(net, x0, cond, generator, cfg)
         if cfg.w_adv > 0 or cfg.w_rect > 0:
@@ -181,7 +185,7 @@ class TeasrObjective:
                 terms["adv"] = l_adv
             if cfg.w_rect > 0:
                 terms["rect"] = loss_rect(net, f_fake, fake_velocity, x_noised, sigma_fake, cond)
-        total = sum(getattr(cfg, f"w_{name}") * value for name, value in terms.items())
+        total = sum(getattr(cfg, f"w_{name}") * value for name, value in terms.items()) if terms else 0
         if cfg.w_mse > 0 or self.lpips is not None:
             pix_mse, pix_lpips = loss_pixel(self.codec, self.lpips, x_fake, hr, sigma_e2e, cfg.pixel_weight_at_noise)
             terms["pix_mse"] = pix_mse
