@@ -185,7 +185,7 @@ class TeasrObjective:
                 terms["adv"] = l_adv
             if cfg.w_rect > 0:
                 terms["rect"] = loss_rect(net, f_fake, fake_velocity, x_noised, sigma_fake, cond)
-        total = sum(getattr(cfg, f"w_{name}") * value for name, value in terms.items()) if terms else 0
+        total = sum(getattr(cfg, f"w_{name}") * value for name, value in terms.items())
         if cfg.w_mse > 0 or self.lpips is not None:
             pix_mse, pix_lpips = loss_pixel(self.codec, self.lpips, x_fake, hr, sigma_e2e, cfg.pixel_weight_at_noise)
             terms["pix_mse"] = pix_mse
