@@ -112,7 +112,7 @@ def cmd_eval(args) -> int:
     import json
 
     from .evaluate import baseline_methods, evaluate, format_table, pair_files
-    pairs = pair_files(args.lr, args.hr)[:args.limit]
+    pairs = pair_files(args.lr, args.hr)[::args.every][:args.limit]
     steps = [int(s) for s in args.steps.split(",") if s]
     methods = baseline_methods([b for b in args.baselines.split(",") if b], args.device)
     upscaler = load_upscaler(args) if steps else None
@@ -122,7 +122,7 @@ def cmd_eval(args) -> int:
     order = tuple(m for m in methods if m in ("bicubic", "Real-ESRGAN x4plus", "TEASR 1 step", "TEASR 4 steps"))
     with tqdm(total=len(pairs), desc="eval", unit="img") as bar:
         results = evaluate(pairs, methods, args.device, args.figures, order, progress=lambda _: bar.update())
-    results.update(lr=str(args.lr), hr=str(args.hr) if args.hr else None,
+    results.update(lr=str(args.lr), hr=str(args.hr) if args.hr else None, every=args.every, limit=args.limit,
                    checkpoint=str(args.checkpoint or "bundled") if steps else None, seed=args.seed, color_fix=args.color_fix)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1))
@@ -147,7 +147,8 @@ def main(argv=None) -> int:
     ev.add_argument("--baselines", default="bicubic,realesrgan", help="comma-separated: bicubic, realesrgan")
     ev.add_argument("--out", type=Path, required=True, help="results JSON")
     ev.add_argument("--figures", type=Path, help="folder for comparison strips (LR | bicubic | ... | HR)")
-    ev.add_argument("--limit", type=int, help="only the first N pairs")
+    ev.add_argument("--limit", type=int, help="only the first N pairs (after --every)")
+    ev.add_argument("--every", type=int, default=1, help="only every K-th pair (a quick check spread over the set)")
     add_upscale_options(ev)
     ev.set_defaults(run=cmd_eval)
     args = ap.parse_args(argv)

@@ -68,9 +68,13 @@ class DiTConfig:
 PRESETS: dict[str, DiTConfig] = {
     # unit tests: < 2 M parameters
     "tiny": DiTConfig(depth=2, heads=2, head_dim=32, in_channels=48, rope_axes=(8, 12, 12)),
-    # the bundled default (pixel codec, scale 8): ~9.5 M parameters, fits the 20 MB repo budget in fp16
-    "small": DiTConfig(depth=4, heads=4, head_dim=64, in_channels=192, mlp_ratio=3.0, rope_axes=(16, 24, 24),
+    # the bundled default: TAEF2 latents (32 channels at 1/8 resolution, 2x2 patches = 128-value tokens),
+    # 13 M parameters, 26 MB in fp16
+    "small": DiTConfig(depth=6, heads=4, head_dim=64, in_channels=32, mlp_ratio=3.0, rope_axes=(16, 24, 24),
                        prediction="residual"),
+    # the earlier pixel-space candidate (pixel codec, scale 8: 768-value tokens through a 256-wide model), 9.3 M
+    "small-pixel": DiTConfig(depth=4, heads=4, head_dim=64, in_channels=192, mlp_ratio=3.0, rope_axes=(16, 24, 24),
+                             prediction="residual"),
     # mid-size, for trainer comparisons that fit one GPU both ways
     "base": DiTConfig(depth=12, heads=12, head_dim=64, in_channels=16, context_dim=None, rope_axes=(16, 24, 24)),
     # Qwen-Image (20.4 B): 60 blocks, 3072 wide, 24 heads, context 3584, 16-channel latent

@@ -28,7 +28,7 @@ from train.objectives.teasr import loss_pixel, rcgm_target
 from train.state import join_tree, split_tree
 
 STEPS = 30
-TIMING = ("sec_per_step", "peak_rss_mb", "peak_mem_mb")
+TIMING = ("sec_per_step", "peak_rss_mb", "peak_mem_mb", "cpu_hours")
 
 
 def pool() -> Path:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 OBJECTIVES = ("teasr", "tadsr")
-CODECS = ("pixel", "taef2")
+CODECS = ("auto", "pixel", "taef2")
 
 
 def opt(default, doc: str):
@@ -25,8 +25,12 @@ def opt(default, doc: str):
 @dataclass(frozen=True)
 class TrainConfig:
     # ---- run ---------------------------------------------------------------------------------
-    preset: str = opt("small", "model size: teasr_core.model preset (tiny, small, base, qwen-image); ignored with `base`")
-    data: str = opt("", "folder of HR photos (recursive); required")
+    preset: str = opt("small", "model size: teasr_core.model preset (tiny, small, small-pixel, base, qwen-image); "
+                               "ignored with `base`")
+    data: str = opt("", "folder of HR photos (recursive); required unless data_cache is set")
+    data_cache: str = opt("", "a pair cache made by `python -m train.pair_cache` (degraded pairs and their latents, "
+                              "made once); when set, batches come from it and `data` only feeds the sample grid")
+    cache_shards: int = opt(0, "data_cache: use only its first N shards (0 = all)")
     val_data: str = opt("", "folder for the fixed sample-grid batch (default: `data`)")
     out: str = opt("runs/teasr", "output folder: checkpoints/, state/, samples/, metrics.jsonl, train.log")
     max_steps: int = opt(10000, "optimizer steps to train to (a resumed run continues up to this count)")
@@ -42,7 +46,8 @@ class TrainConfig:
     # ---- model -------------------------------------------------------------------------------
     base: str = opt("", "initial weights: a full TEASR checkpoint or a Qwen-Image base transformer "
                         "(file or diffusers folder); empty = fresh init of `preset`")
-    codec: str = opt("pixel", "latent space: pixel (lossless space-to-depth) or taef2 (FLUX.2 tiny autoencoder)")
+    codec: str = opt("auto", "latent space: pixel (lossless space-to-depth), taef2 (FLUX.2 tiny autoencoder) or auto "
+                             "(pixel when the model's input channels are 3 s^2, as in tiny and small-pixel; else taef2)")
     pixel_scale: int = opt(0, "pixel codec: pixels per latent pixel per side; 0 = the preset's (in_channels = 3 s^2)")
     full_finetune: bool = opt(True, "train every parameter (small presets from scratch); false = LoRA")
     lora_ranks: tuple = opt([0, 0], "LoRA ranks (noise branch, condition branch) when full_finetune = false")
@@ -51,7 +56,8 @@ class TrainConfig:
                                   "merged (a full checkpoint: noise LoRA folded into the base)")
     fp8_base: bool = opt(False, "store the frozen base Linear weights of the blocks as fp8 e4m3 (LoRA training)")
     base_dtype: str = opt("fp32", "storage dtype of frozen base weights (fp32, bf16); trained tensors stay fp32")
-    bf16: bool = opt(True, "bf16 autocast on CUDA (fp32 on CPU regardless)")
+    bf16: bool = opt(True, "bf16 autocast on CUDA (fp32 on CPU regardless: without native bf16 - AVX2-only CPUs - "
+                           "bf16 convolutions ran ~100x slower than fp32 here)")
     gradient_checkpointing: bool = opt(False, "recompute transformer blocks in backward (memory for time)")
     context_file: str = opt("", "safetensors with a `context` [T, context_dim] tensor (e.g. the empty-prompt "
                                 "text features) for models with a text stream; presets without one use null_context")
@@ -71,6 +77,10 @@ class TrainConfig:
     crop: int = opt(256, "HR crop side in pixels (the LR is crop / scale)")
     hr_downscale: float = opt(1.0, "shrink every HR photo by this factor (antialiased) before cropping, "
                                    "so grain and JPEG blocks of the HR are not learned as detail")
+    hr_scale_min: float = opt(1.0, "draw a scale per crop, log-uniform in [max(this, crop / short side), 1]: the crop "
+                                   "covers crop / s photo pixels shrunk to `crop` (detail at many scales; no photo enlarged)")
+    light_share: float = opt(0.0, "share of batches degraded by train.data.light_degradation (mild blur, little noise) "
+                                  "instead of the full Real-ESRGAN pipeline; real camera LR is mild")
     scale: int = opt(4, "super-resolution factor of the degradation")
     cache_images: bool = opt(True, "keep decoded photos in RAM")
 
@@ -89,6 +99,12 @@ class TrainConfig:
     w_fm: float = opt(0.25, "L_FM: flow matching")
     w_adv: float = opt(0.25, "L_adv: fake-flow learning at negative time")
     w_rect: float = opt(0.25, "L_rect: rectification (fake-minus-real velocity)")
+    w_jump: float = opt(0.0, "one-step regression: the jump to sigma_target = 0 (L_e2e's draw) regressed to the HR "
+                             "latent (a velocity MSE against eps - x0); no extra network pass")
+    sigma_weight_c: float = opt(0.0, "velocity-space MSEs of a start at sigma are weighted (1 + c^2) sigma^2 / (sigma^2 + c^2): "
+                                     "0 = plain velocity MSE (the precursor's), which weights the error of the clean-sample "
+                                     "estimate by 1 / sigma^2; c > 0 bounds that at (1 + c^2) / c^2 (large c: clean-sample MSE)")
+    rect_clamp: float = opt(0.0, "L_rect: clamp the fake-minus-real velocity to [-c, c] per element (TwinFlow: 1); 0 = off")
     w_mse: float = opt(1.0, "pixel MSE of the one-step sample ([-1, 1] scale), times the pixel weight")
     w_lpips: float = opt(1.0, "LPIPS (AlexNet) of the one-step sample, times the pixel weight; needs the "
                               "converted weights, otherwise off (logged)")
@@ -139,8 +155,13 @@ class TrainConfig:
             raise ValueError(f"lora_alphas must be empty or two values, got {self.lora_alphas}")
         if self.fp8_base and self.full_finetune:
             raise ValueError("fp8_base stores frozen weights; it needs LoRA training (full_finetune = false)")
+        if self.sigma_weight_c < 0 or self.rect_clamp < 0:
+            raise ValueError(f"sigma_weight_c and rect_clamp must be >= 0, got {self.sigma_weight_c}, {self.rect_clamp}")
         if self.crop % self.scale:
             raise ValueError(f"crop {self.crop} must be a multiple of the scale {self.scale}")
+        if not 0 < self.hr_scale_min <= 1 or not 0 <= self.light_share <= 1:
+            raise ValueError(f"hr_scale_min must be in (0, 1] and light_share in [0, 1], got "
+                             f"{self.hr_scale_min}, {self.light_share}")
         for name in ("batch", "grad_accum", "max_steps", "log_every", "ckpt_every", "keep_states",
                      "rcgm_substeps", "teacher_steps", "disc_levels"):
             if getattr(self, name) < 1:

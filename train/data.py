@@ -9,6 +9,14 @@ counters, and resuming replays nothing.
 trick: film grain, sensor noise and JPEG blocks of the HR shrink below a pixel, so the model does
 not learn to paint them onto clean photos (the shared pool's BSDS500 scans are grainy).
 
+`hr_scale_min` < 1 draws a scale per crop, s log-uniform in [max(hr_scale_min, crop / short side), 1]: the
+crop covers crop / s pixels of the photo and is shrunk to `crop`, so a small pool yields detail at
+many scales and no photo is ever enlarged to fit.
+
+`light_share` of the batches are degraded with `light_degradation()` instead of the full Real-ESRGAN
+settings: real camera LR (RealSR, DRealSR) is mildly blurred and barely noisy, and a model trained
+only on heavy degradations smooths such inputs away.
+
 Images whose short side is below the crop are upscaled (bicubic) until it fits, so every photo is
 usable. Reflect-padding (what Real-ESRGAN does) was the alternative; it keeps the HR sharp but
 teaches mirrored seams as content, while the upscale only softens an already clean target. With
@@ -27,7 +35,16 @@ from PIL import Image, ImageOps
 from .degrade import DegradationConfig, degrade
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
-_PERMUTATION, _CROP, _DEGRADATION = 0, 1, 2  # independent random streams
+_PERMUTATION, _CROP, _DEGRADATION, _MIX = 0, 1, 2, 3  # independent random streams
+
+
+def light_degradation(scale: int = 4) -> DegradationConfig:
+    """A first-order-like degradation: mild blur, little noise, light JPEG (see `light_share`)."""
+    return DegradationConfig(scale=scale, blur_sigma=(0.2, 1.5), resize_prob=(0.2, 0.5, 0.3), resize_range=(0.5, 1.2),
+                             noise_range=(0.5, 8.0), poisson_scale_range=(0.05, 1.0), jpeg_range=(70.0, 95.0),
+                             second_blur_prob=0.3, blur_sigma2=(0.2, 1.0), resize_range2=(0.6, 1.2),
+                             gaussian_noise_prob2=0.3, noise_range2=(0.5, 5.0), poisson_scale_range2=(0.05, 0.5),
+                             jpeg_range2=(75.0, 95.0), final_sinc_prob=0.5)
 
 
 def load_rgb8(path: str | Path) -> np.ndarray:
@@ -112,12 +129,18 @@ class PairStream:
 
     def __init__(self, root: str | Path, *, crop: int = 256, batch_size: int = 8, seed: int = 0,
                  device: str | torch.device = "cpu", degradation: DegradationConfig | None = None,
-                 cache: bool = True, hr_downscale: float = 1.0):
+                 cache: bool = True, hr_downscale: float = 1.0, hr_scale_min: float = 1.0, light_share: float = 0.0):
         self.degradation = degradation or DegradationConfig()
         if crop % self.degradation.scale:
             raise ValueError(f"crop {crop} is not a multiple of the scale {self.degradation.scale}")
+        if not 0 < hr_scale_min <= 1:
+            raise ValueError(f"hr_scale_min must be in (0, 1], got {hr_scale_min}")
+        if not 0 <= light_share <= 1:
+            raise ValueError(f"light_share must be in [0, 1], got {light_share}")
+        self.light = light_degradation(self.degradation.scale)
         self.images = ImageFolder(root, min_side=crop, cache=cache, downscale=hr_downscale)
         self.crop, self.batch_size, self.seed = crop, batch_size, seed
+        self.hr_scale_min, self.light_share = hr_scale_min, light_share
         self.device = torch.device(device)
         self.samples_drawn = 0
         self.batches_drawn = 0
@@ -128,7 +151,8 @@ class PairStream:
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
         hr = self.next_hr()
-        lr = degrade(hr, _seeded(self.seed, _DEGRADATION, self.batches_drawn), self.degradation)
+        light = float(torch.rand(1, generator=_seeded(self.seed, _MIX, self.batches_drawn))) < self.light_share
+        lr = degrade(hr, _seeded(self.seed, _DEGRADATION, self.batches_drawn), self.light if light else self.degradation)
         self.batches_drawn += 1
         return lr, hr
 
@@ -143,9 +167,16 @@ class PairStream:
         image = self.images[self._image_index(sample)]
         generator = _seeded(self.seed, _CROP, sample)
         h, w = image.shape[:2]
-        top = int(torch.randint(h - self.crop + 1, (1,), generator=generator))
-        left = int(torch.randint(w - self.crop + 1, (1,), generator=generator))
-        patch = image[top:top + self.crop, left:left + self.crop]
+        side = self.crop
+        if self.hr_scale_min < 1:
+            low = max(self.hr_scale_min, self.crop / min(h, w))
+            scale = low ** float(torch.rand(1, generator=generator))  # log-uniform in [low, 1]
+            side = min(min(h, w), round(self.crop / scale))
+        top = int(torch.randint(h - side + 1, (1,), generator=generator))
+        left = int(torch.randint(w - side + 1, (1,), generator=generator))
+        patch = image[top:top + side, left:left + side]
+        if side != self.crop:
+            patch = np.asarray(Image.fromarray(patch).resize((self.crop, self.crop), Image.LANCZOS))
         if torch.rand(1, generator=generator) < 0.5:
             patch = patch[:, ::-1]
         return np.ascontiguousarray(patch)

@@ -11,7 +11,9 @@ ComfyUI loader read them unchanged), state/ (resume: safetensors + JSON, no pick
 A metrics row: step, loss (the weighted total), every term unweighted, lr, sec_per_step (the
 optimizer step without data loading), fwd_grad / fwd_nograd (network passes per micro-batch with and
 without autograd; TAD-SR's half-depth discriminator-encoder passes are enc_grad / enc_nograd), and
-peak_mem_mb (CUDA max_memory_allocated during the step) or, on CPU, peak_rss_mb (process peak).
+peak_mem_mb (CUDA max_memory_allocated during the step) or, on CPU, peak_rss_mb (process peak), and
+cpu_hours: the CPU time (user + system, every thread of the main process) spent on the run so far,
+carried across resumes - the budget that runs on a shared machine can be compared by.
 
 Randomness is counter-based: micro-batch stream k = rank * grad_accum + micro has its own data
 stream and, at every step, a loss-noise generator seeded from (seed, k, step). So resuming replays
@@ -46,6 +48,7 @@ from teasr_core.pipeline import Upscaler, UpscaleSettings, codec_from_config, up
 from .config import TrainConfig, parse_config
 from .data import PairStream, upsample_lr
 from .degrade import DegradationConfig
+from .pair_cache import CachedPairs
 from .objectives import PassCounter, build_objective
 from .state import latest_state, load_state, rng_state, save_state, set_rng_state
 
@@ -100,7 +103,11 @@ class ModelSetup:
 
 def make_codec(cfg: TrainConfig, in_channels: int, device):
     """The codec named by the config; the pixel scale defaults to the model's (in_channels = 3 s^2)."""
-    if cfg.codec == "taef2":
+    name = cfg.codec
+    if name == "auto":
+        side = math.isqrt(in_channels // 3)
+        name = "pixel" if cfg.pixel_scale or 3 * side * side == in_channels else "taef2"
+    if name == "taef2":
         from teasr_core.taef2 import LATENT_MEAN, LATENT_STD, TAEF2Codec
         return TAEF2Codec(device=device), {"name": "taef2", "latent_mean": list(LATENT_MEAN),
                                             "latent_std": list(LATENT_STD)}
@@ -138,7 +145,7 @@ def build_model(cfg: TrainConfig, device, seed: int) -> ModelSetup:
         ckpt = load_checkpoint(cfg.base, device=device)
         codec_config = ckpt.codec
         codec = codec_from_config(codec_config, device=device)
-        if codec_config.get("name") != cfg.codec:
+        if cfg.codec != "auto" and codec_config.get("name") != cfg.codec:
             log.warning("the base checkpoint's codec %s is used (config says %r)", codec_config, cfg.codec)
         dit_cfg = _with_lora(cfg, ckpt.dit.cfg)
         if dit_cfg == ckpt.dit.cfg:
@@ -236,7 +243,8 @@ class Trainer:
         self.net = PassCounter(self.engine, self.counts, "fwd", self.context)
         self.generator = torch.Generator(device)
         self.step = 0
-        self.streams: list[PairStream] = []
+        self.cpu_seconds_before = 0.0  # CPU time of earlier processes of this run (resume)
+        self.streams: list[PairStream | CachedPairs] = []
         self.val_batch = None
 
     # ---- set-up pieces ----------------------------------------------------------------------
@@ -260,23 +268,49 @@ class Trainer:
         """Global indices of this process's micro-batch streams."""
         return [self.env.rank * self.cfg.grad_accum + m for m in range(self.cfg.grad_accum)]
 
+    def _open_cache(self, k: int) -> CachedPairs:
+        cfg = self.cfg
+        stream = CachedPairs(cfg.data_cache, batch_size=cfg.batch, seed=mix_seed(cfg.seed, "data", k),
+                             device=self.env.device, shards=cfg.cache_shards)
+        meta = stream.meta
+        if (meta["crop"], meta["scale"]) != (cfg.crop, cfg.scale):
+            raise ValueError(f"{cfg.data_cache} holds {meta['crop']} px crops at x{meta['scale']}; the config says "
+                             f"crop {cfg.crop}, scale {cfg.scale}")
+        if "x0" in stream.tensors and meta.get("codec_config") != self.codec_config:
+            log.info("%s holds latents of another codec (%s); this model's %s codec encodes its pixels every step",
+                     cfg.data_cache, meta.get("codec_config", {}).get("name"), self.codec_config.get("name"))
+            del stream.tensors["x0"], stream.tensors["cond"]
+        return stream
+
     def open_data(self) -> None:
         cfg = self.cfg
-        if not cfg.data:
-            raise ValueError("no training data: pass --data DIR (a folder of HR photos)")
+        if not (cfg.data or cfg.data_cache):
+            raise ValueError("no training data: pass --data DIR (a folder of HR photos) or --data-cache DIR")
         degradation = DegradationConfig(scale=cfg.scale)
         for k in self.stream_ids:
-            stream = PairStream(cfg.data, crop=cfg.crop, batch_size=cfg.batch, seed=mix_seed(cfg.seed, "data", k),
-                                device=self.env.device, degradation=degradation, cache=cfg.cache_images,
-                                hr_downscale=cfg.hr_downscale)
-            if self.streams:
-                stream.images = self.streams[0].images  # one decoded-photo cache per process
+            if cfg.data_cache:
+                stream = self._open_cache(k)
+                if self.streams:
+                    stream.tensors = self.streams[0].tensors  # one copy of the cache per process
+            else:
+                stream = PairStream(cfg.data, crop=cfg.crop, batch_size=cfg.batch, seed=mix_seed(cfg.seed, "data", k),
+                                    device=self.env.device, degradation=degradation, cache=cfg.cache_images,
+                                    hr_downscale=cfg.hr_downscale, hr_scale_min=cfg.hr_scale_min,
+                                    light_share=cfg.light_share)
+                if self.streams:
+                    stream.images = self.streams[0].images  # one decoded-photo cache per process
             self.streams.append(stream)
         if cfg.sample_every and (self.env.main or (cfg.fsdp and self.env.world > 1)):  # FSDP samples collectively
-            val = PairStream(cfg.val_data or cfg.data, crop=cfg.crop, batch_size=cfg.sample_images,
-                             seed=mix_seed(cfg.seed, "val"), device=self.env.device, degradation=degradation,
-                             cache=False, hr_downscale=cfg.hr_downscale)
-            self.val_batch = next(val)
+            if cfg.val_data or cfg.data:
+                val = PairStream(cfg.val_data or cfg.data, crop=cfg.crop, batch_size=cfg.sample_images,
+                                 seed=mix_seed(cfg.seed, "val"), device=self.env.device, degradation=degradation,
+                                 cache=False, hr_downscale=cfg.hr_downscale, hr_scale_min=cfg.hr_scale_min,
+                                 light_share=cfg.light_share)
+                self.val_batch = next(val)
+            else:
+                pairs = self.streams[0].tensors
+                self.val_batch = tuple(pairs[k][:cfg.sample_images].to(self.env.device).float() / 255
+                                       for k in ("lr", "hr"))
 
     # ---- one optimizer step -------------------------------------------------------------------
     def _sync_context(self, last: bool):
@@ -288,8 +322,12 @@ class Trainer:
             return nullcontext()
         return nullcontext() if last else self.engine.no_sync()
 
-    def train_step(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> dict:
-        """One optimizer step over this process's micro-batches [(lr, hr), ...]; returns the log row."""
+    def train_step(self, batches: list) -> dict:
+        """One optimizer step over this process's micro-batches; returns the log row.
+
+        A micro-batch is (lr, hr) from a PairStream or a dict from CachedPairs, whose x0 / cond
+        latents (when present) replace the encoding.
+        """
         cfg, device = self.cfg, self.env.device
         lr = cfg.lr * min(1.0, (self.step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
         for group in self.optimizer.param_groups:
@@ -299,14 +337,17 @@ class Trainer:
             torch.cuda.reset_peak_memory_stats(device)
         start = time.perf_counter()
         sums: dict[str, torch.Tensor] = {}
-        for micro, ((lr_image, hr), stream) in enumerate(zip(batches, self.stream_ids)):
+        for micro, (batch, stream) in enumerate(zip(batches, self.stream_ids)):
+            if not isinstance(batch, dict):
+                batch = dict(zip(("lr", "hr"), batch))
             self.generator.manual_seed(mix_seed(cfg.seed, "loss", stream, self.step))
             with self._sync_context(micro == len(batches) - 1):
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.autocast_enabled):
                     with torch.no_grad():
-                        x0 = self.codec.encode(hr).float()
-                        cond = self.codec.encode(upsample_lr(lr_image, cfg.scale)).float()
-                    loss, terms = self.objective(self.net, x0, cond, hr, self.generator)
+                        x0 = batch["x0"] if "x0" in batch else self.codec.encode(batch["hr"]).float()
+                        cond = batch["cond"] if "cond" in batch else \
+                            self.codec.encode(upsample_lr(batch["lr"], cfg.scale)).float()
+                    loss, terms = self.objective(self.net, x0, cond, batch["hr"], self.generator)
                 (loss / len(batches)).backward()
             for name, value in {"loss": loss.detach(), **terms}.items():
                 sums[name] = sums.get(name, 0) + value.float() / len(batches)
@@ -325,11 +366,17 @@ class Trainer:
         passes = {k: n // len(batches) for k, n in sorted(self.counts.items())}  # per micro-batch
         row = {"step": self.step, **dict(zip(names, values.tolist())), "lr": lr,
                "sec_per_step": time.perf_counter() - start, **passes}
+        usage = resource.getrusage(resource.RUSAGE_SELF)
         if device.type == "cuda":
             row["peak_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
         else:
-            row["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            row["peak_rss_mb"] = usage.ru_maxrss / 1024
+        row["cpu_hours"] = self.cpu_seconds() / 3600
         return row
+
+    def cpu_seconds(self) -> float:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return self.cpu_seconds_before + usage.ru_utime + usage.ru_stime
 
     # ---- weights out -----------------------------------------------------------------------------
     @torch.no_grad()
@@ -405,6 +452,7 @@ class Trainer:
             streams = [s for rank_streams in gathered for s in rank_streams]
         return {
             "step": self.step,
+            "cpu_seconds": self.cpu_seconds(),
             "world": self.env.world,
             "grad_accum": self.cfg.grad_accum,
             "model": model,
@@ -442,6 +490,7 @@ class Trainer:
         for stream, k in zip(self.streams, self.stream_ids):
             stream.load_state_dict(state["streams"][k])
         self.step = state["step"]
+        self.cpu_seconds_before = state.get("cpu_seconds", 0.0)
         log.info("resumed from %s at step %d", sidecar, self.step)
         return True
 

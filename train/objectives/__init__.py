@@ -52,9 +52,26 @@ def gaussian_like(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
 
 
-def mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Mean squared error in fp32 (autocast may hand us bf16 predictions)."""
-    return torch.mean((a.float() - b.float()) ** 2)
+def mse(a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean squared error in fp32 (autocast may hand us bf16 predictions); `weight` [B] weights each sample."""
+    error = (a.float() - b.float()) ** 2
+    if weight is None:
+        return error.mean()
+    return (error.flatten(1).mean(1) * weight).mean()
+
+
+def sigma_weight(sigma: torch.Tensor, c: float) -> torch.Tensor | None:
+    """Per-sample weight (1 + c^2) sigma^2 / (sigma^2 + c^2) of a velocity-space MSE at noise level sigma [B].
+
+    Why: with a clean-sample output D, the velocity error is (D - x0) / sigma, so a plain velocity MSE
+    weights the D error by 1 / sigma^2 and training drifts to the easy starts near the data. This
+    weight turns it into (1 + c^2) / (sigma^2 + c^2) times the D error: 1 at sigma = 1, at most
+    (1 + c^2) / c^2. c = 0 returns None (unweighted, the precursor's loss).
+    """
+    if c == 0:
+        return None
+    s2 = sigma.float() ** 2
+    return (1 + c * c) * s2 / (s2 + c * c)
 
 
 def build_objective(cfg, dit, codec, lpips, device):

@@ -12,6 +12,7 @@ difference of the two is the rectification signal. Per micro-batch:
     L_FM     1
     L_adv    1 (fake flow)
     L_rect   -                      1 (real flow); its fake-flow pass is L_adv's, detached
+    jump     -                      - (regresses L_e2e's jump to the HR latent)
     pixel    codec.decode + LPIPS on x_fake (no network pass)
 
 so 4 passes with grad and 2 * rcgm_substeps + 1 = 5 without (the precursor draws separate noise
@@ -26,7 +27,9 @@ from __future__ import annotations
 
 import torch
 
-from . import gaussian_like, mse, noised, per_sample, uniform
+from typing import NamedTuple
+
+from . import gaussian_like, mse, noised, per_sample, sigma_weight, uniform
 
 
 @torch.no_grad()
@@ -68,7 +71,17 @@ def loss_any(net, x0, cond, generator, cfg) -> torch.Tensor:
     x_t, v_star = noised(x0, eps, sigma), eps - x0
     prediction = net(x_t, cond, sigma, target)
     return mse(prediction, rcgm_target(net, x_t, cond, v_star, sigma, target, prediction,
-                                       cfg.rcgm_dt, cfg.rcgm_substeps))
+                                       cfg.rcgm_dt, cfg.rcgm_substeps), sigma_weight(sigma, cfg.sigma_weight_c))
+
+
+class OneStep(NamedTuple):
+    """L_e2e's draw and jump: what the regression, rectification and pixel terms share."""
+
+    loss: torch.Tensor | None   # L_e2e (None when w_e2e = 0)
+    velocity: torch.Tensor      # F(x_t, sigma, 0), with grad
+    sample: torch.Tensor        # x_t - sigma F: the one-step sample, with grad
+    sigma: torch.Tensor         # [B] start noise levels
+    v_star: torch.Tensor        # eps - x0: the exact jump's velocity
 
 
 def loss_e2e(net, x0, cond, generator, cfg):
@@ -78,10 +91,9 @@ def loss_e2e(net, x0, cond, generator, cfg):
     one-step jump that every step of any-step sampling takes from its own noise level. A share
     `e2e_pure_noise_share` of the starts is exactly sigma = 1, the start of every sample: drawn
     uniformly it is almost never trained, while the pixel terms on easy low-sigma starts look good
-    (the first CPU runs: training MSE fell, 1-step results stayed below bicubic). Returns
-    (loss, F_fake, x_fake, sigma); x_fake = x_t - sigma F_fake keeps its gradient for the
-    rectification and pixel terms. With w_e2e = 0 only the jump is made (loss None): the pixel
-    terms still score it.
+    (the first CPU runs: training MSE fell, 1-step results stayed below bicubic). The sample
+    x_t - sigma F keeps its gradient for the regression, rectification and pixel terms. With
+    w_e2e = 0 only the jump is made (loss None): those terms still score it.
     """
     b = x0.shape[0]
     sigma = uniform(b, *cfg.e2e_sigma_range, generator)
@@ -93,8 +105,9 @@ def loss_e2e(net, x0, cond, generator, cfg):
     f_fake = net(x_t, cond, sigma, target)
     loss = None
     if cfg.w_e2e > 0:
-        loss = mse(f_fake, rcgm_target(net, x_t, cond, v_star, sigma, target, f_fake, cfg.rcgm_dt, cfg.rcgm_substeps))
-    return loss, f_fake, x_t - per_sample(sigma) * f_fake, sigma
+        loss = mse(f_fake, rcgm_target(net, x_t, cond, v_star, sigma, target, f_fake, cfg.rcgm_dt, cfg.rcgm_substeps),
+                   sigma_weight(sigma, cfg.sigma_weight_c))
+    return OneStep(loss, f_fake, x_t - per_sample(sigma) * f_fake, sigma, v_star)
 
 
 def loss_fm(net, x0, cond, generator, cfg) -> torch.Tensor:
@@ -106,7 +119,7 @@ def loss_fm(net, x0, cond, generator, cfg) -> torch.Tensor:
     sigma = uniform(b, 0, 1, generator)
     target = sigma - uniform(b, 0, cfg.fm_gap, generator) * sigma
     eps = gaussian_like(x0, generator)
-    return mse(net(noised(x0, eps, sigma), cond, sigma, target), eps - x0)
+    return mse(net(noised(x0, eps, sigma), cond, sigma, target), eps - x0, sigma_weight(sigma, cfg.sigma_weight_c))
 
 
 def loss_adv(net, x_fake, cond, generator, cfg):
@@ -122,18 +135,22 @@ def loss_adv(net, x_fake, cond, generator, cfg):
     z = gaussian_like(fake, generator)
     x_noised = noised(fake, z, sigma)
     prediction = net(x_noised, cond, sigma, -sigma)
-    return mse(prediction, z - fake), prediction.detach(), x_noised, sigma
+    return mse(prediction, z - fake, sigma_weight(sigma, cfg.sigma_weight_c)), prediction.detach(), x_noised, sigma
 
 
-def loss_rect(net, f_fake, fake_velocity, x_noised, sigma, cond) -> torch.Tensor:
+def loss_rect(net, f_fake, fake_velocity, x_noised, sigma, cond, clamp: float = 0.0) -> torch.Tensor:
     """L_rect: push one-step samples from the fake toward the real distribution.
 
     dv = F(x', s, -s) - F(x', s, s) (both without grad; the fake one comes from L_adv's pass) is a
     DMD-style fake-minus-real direction; MSE(F_fake, sg(F_fake - dv)) has gradient 2 dv / N on F_fake.
-    Its value, mean(dv^2), measures the fake-real gap rather than a fit.
+    Its value, mean(dv^2), measures the fake-real gap rather than a fit. clamp > 0 bounds each
+    element of dv to [-clamp, clamp] (TwinFlow's code uses 1): while the fake branch is untrained,
+    raw dv is large and noisy, and once it fits it vanishes; the clamp keeps each push bounded.
     """
     with torch.no_grad():
         dv = fake_velocity - net(x_noised, cond, sigma, sigma)
+        if clamp > 0:
+            dv = dv.clamp(-clamp, clamp)
     return mse(f_fake, (f_fake - dv).detach())
 
 
@@ -173,21 +190,23 @@ class TeasrObjective:
         terms = {}
         if cfg.w_any > 0:
             terms["any"] = loss_any(net, x0, cond, generator, cfg)
-        l_e2e, f_fake, x_fake, sigma_e2e = loss_e2e(net, x0, cond, generator, cfg)
-        if l_e2e is not None:
-            terms["e2e"] = l_e2e
+        one = loss_e2e(net, x0, cond, generator, cfg)
+        if one.loss is not None:
+            terms["e2e"] = one.loss
+        if cfg.w_jump > 0:
+            terms["jump"] = mse(one.velocity, one.v_star, sigma_weight(one.sigma, cfg.sigma_weight_c))
         if cfg.w_fm > 0:
             terms["fm"] = loss_fm(net, x0, cond, generator, cfg)
         if cfg.w_adv > 0 or cfg.w_rect > 0:
             with torch.set_grad_enabled(torch.is_grad_enabled() and cfg.w_adv > 0):
-                l_adv, fake_velocity, x_noised, sigma_fake = loss_adv(net, x_fake, cond, generator, cfg)
+                l_adv, fake_velocity, x_noised, sigma_fake = loss_adv(net, one.sample, cond, generator, cfg)
             if cfg.w_adv > 0:
                 terms["adv"] = l_adv
             if cfg.w_rect > 0:
-                terms["rect"] = loss_rect(net, f_fake, fake_velocity, x_noised, sigma_fake, cond)
+                terms["rect"] = loss_rect(net, one.velocity, fake_velocity, x_noised, sigma_fake, cond, cfg.rect_clamp)
         total = sum(getattr(cfg, f"w_{name}") * value for name, value in terms.items())
         if cfg.w_mse > 0 or self.lpips is not None:
-            pix_mse, pix_lpips = loss_pixel(self.codec, self.lpips, x_fake, hr, sigma_e2e, cfg.pixel_weight_at_noise)
+            pix_mse, pix_lpips = loss_pixel(self.codec, self.lpips, one.sample, hr, one.sigma, cfg.pixel_weight_at_noise)
             terms["pix_mse"] = pix_mse
             total = total + cfg.w_mse * pix_mse
             if pix_lpips is not None:
