@@ -21,6 +21,7 @@ from comfy.model_patcher import ModelPatcher
 from ..teasr_core.codecs import check_image
 from ..teasr_core.model import DualBranchDiT
 from ..teasr_core.pipeline import Upscaler
+from ..teasr_core.qwen_vae import check_same_vae, fingerprint
 
 # Share of the free memory (after the weights are loaded) a window may use: VRAM is ours for the
 # duration of the node; host RAM is shared with ComfyUI's caches and everything else.
@@ -124,6 +125,8 @@ class ComfyVAECodec:
         if self.channels != expected_channels:
             raise ValueError(f"the connected VAE makes {self.channels}-channel latents, but this TEASR model "
                              f"was trained on {expected_channels}-channel latents of {self.name!r}; connect that VAE")
+        if config.get("fingerprint"):
+            check_same_vae(config, fingerprint(vae.get_sd()), "connected to TEASR Loader")
         self.mean = torch.tensor(config.get("latent_mean") or [0.0] * self.channels).reshape(1, -1, 1, 1)
         self.std = torch.tensor(config.get("latent_std") or [1.0] * self.channels).reshape(1, -1, 1, 1)
 

@@ -13,6 +13,7 @@ from .color import COLOR_FIX_METHODS
 from .imageio import IMAGE_EXTENSIONS, ImageReadError, read_image, write_image
 from .pipeline import Upscaler, count_model_calls, resize_bicubic, upscale, upscale_settings
 from .sampling import MODES
+from .text_features import load_text_features
 
 AUTO_TILE_ABOVE = 1536  # output side (px) above which --tile-size auto tiles
 AUTO_TILE = 1024
@@ -21,6 +22,12 @@ AUTO_TILE = 1024
 def add_upscale_options(p: argparse.ArgumentParser) -> None:
     """The sampling options shared by `upscale` and `eval` (same names as the ComfyUI node inputs)."""
     p.add_argument("--checkpoint", type=Path, help="TEASR .safetensors checkpoint (default: the bundled model)")
+    p.add_argument("--base", type=Path, help="base transformer of a LoRA checkpoint (e.g. Qwen-Image: a file or "
+                                              "a diffusers folder)")
+    p.add_argument("--vae", type=Path, help="the VAE of a latent checkpoint (e.g. qwen_image_vae.safetensors, or "
+                                             "diffusers' vae/ folder of Qwen-Image)")
+    p.add_argument("--text-features", type=Path, help="text features of a model with a text stream (the trainer's "
+                                                       "context_file, e.g. from TEASR Save Text Features)")
     p.add_argument("--scale", type=int, default=4, help="upscale factor (the model is trained for 4)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--mode", choices=MODES, default="jump", help="sampler (default: jump)")
@@ -41,7 +48,15 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 def load_upscaler(args) -> Upscaler:
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if str(args.device).startswith("cuda") else torch.float32)
-    return Upscaler.from_checkpoint(args.checkpoint, device=args.device, dtype=dtype, fp8=args.fp8)
+    upscaler = Upscaler.from_checkpoint(args.checkpoint, device=args.device, dtype=dtype, fp8=args.fp8,
+                                        base=args.base, vae=args.vae)
+    features = upscaler.dit.cfg.context_dim
+    if features:
+        if not args.text_features:
+            raise ValueError(f"this model has a text stream ({features}-dim): pass --text-features FILE, the "
+                             "features it was trained with (its context_file)")
+        upscaler.context = load_text_features(args.text_features, features)[None].to(args.device)
+    return upscaler
 
 
 def tile_for(args, out_hw: tuple[int, int]) -> int | None:
@@ -154,7 +169,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     try:
         return args.run(args)
-    except (ValueError, FileNotFoundError) as e:   # bad settings or checkpoint: a message, not a traceback
+    except (ValueError, FileNotFoundError, ImportError) as e:   # bad settings, checkpoint or set-up: a message
         print(f"error: {e}", file=sys.stderr)
         return 2
 

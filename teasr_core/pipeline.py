@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from .codecs import Codec, PixelCodec, build_codec
 from .color import COLOR_FIX_METHODS, color_fix
 from .model import DualBranchDiT
+from .qwen_vae import CODEC_NAME as QWEN_VAE, load_vae_codec
 from .sampling import MODES, batch_noise, sample, shifted_sigmas, sigmas_from_timesteps
 from .tiling import Tile, plan_tiles, tiled_denoiser
 
@@ -57,21 +58,23 @@ class UpscaleSettings:
 
 @dataclass
 class Upscaler:
-    """A DiT and the codec its latents live in."""
+    """A DiT, the codec its latents live in, and (models with a text stream) default text features [1, T, D]."""
 
     dit: DualBranchDiT
     codec: Codec
+    context: torch.Tensor | None = None
 
     @classmethod
     def from_checkpoint(cls, path=None, *, device="cpu", dtype=None, fp8=False, codec: Codec | None = None,
-                        base=None) -> "Upscaler":
+                        base=None, vae=None) -> "Upscaler":
         """Load a TEASR checkpoint (the bundled default when path is None).
 
-        Latent models whose VAE lives outside this library (e.g. Qwen-Image's) need `codec`.
+        Latent models whose VAE lives outside this library (e.g. Qwen-Image's) need that VAE: its
+        file as `vae`, or a ready `codec`.
         """
         from .checkpoint import bundled_checkpoint_path, load_checkpoint
         ckpt = load_checkpoint(path or bundled_checkpoint_path(), device=device, dtype=dtype, fp8=fp8, base=base)
-        return cls(ckpt.dit, codec or codec_from_config(ckpt.codec, device=device))
+        return cls(ckpt.dit, codec or codec_from_config(ckpt.codec, device=device, vae=vae, dtype=dtype))
 
     @property
     def device(self) -> torch.device:
@@ -83,16 +86,19 @@ class Upscaler:
         return self.codec.scale * self.dit.cfg.patch
 
 
-def codec_from_config(codec: dict, device="cpu") -> Codec:
-    """Build the codec a checkpoint names; external VAEs must be passed in by the caller."""
+def codec_from_config(codec: dict, device="cpu", vae=None, dtype=None) -> Codec:
+    """Build the codec a checkpoint names; an external VAE's latent space needs that VAE's file (`vae`)."""
     kind = codec.get("name")
     if kind == "pixel":
         return PixelCodec(scale=int(codec.get("scale", 8)))
     if kind == "taef2":
         return build_codec("taef2", device=device, latent_mean=codec.get("latent_mean"),
                            latent_std=codec.get("latent_std"))
+    if kind == QWEN_VAE and vae is not None:
+        return load_vae_codec(vae, device=device, dtype=dtype or torch.float32, expected=codec)
     raise ValueError(f"this checkpoint's latents come from an external VAE ({codec.get('vae', kind)!r}); "
-                     "pass that VAE as `codec` (in ComfyUI: connect the VAE input of TEASR Loader)")
+                     "pass that VAE's file (--vae on the command line) or a codec (in ComfyUI: connect the VAE "
+                     "input of TEASR Loader)")
 
 
 def validate_image(image: torch.Tensor) -> None:
@@ -142,8 +148,12 @@ def count_model_calls(upscaler: Upscaler, image_hw: tuple[int, int], settings: U
 @torch.no_grad()
 def upscale(upscaler: Upscaler, image: torch.Tensor, settings: UpscaleSettings = UpscaleSettings(),
             context: torch.Tensor | None = None, progress: Progress | None = None) -> torch.Tensor:
-    """image [B, 3, h, w] in [0, 1] -> [B, 3, h * scale, w * scale] in [0, 1] (float32, on the model's device)."""
+    """image [B, 3, h, w] in [0, 1] -> [B, 3, h * scale, w * scale] in [0, 1] (float32, on the model's device).
+
+    `context`: text features [1, T, D] for models with a text stream; default: the upscaler's.
+    """
     validate_image(image)
+    context = upscaler.context if context is None else context
     device, dtype = upscaler.device, upscaler.dit.compute_dtype
     out_hw = (image.shape[-2] * settings.scale, image.shape[-1] * settings.scale)
     reference = resize_bicubic(image.to(device), out_hw)

@@ -1,6 +1,8 @@
 """Shared test plumbing: where the shared data and the ComfyUI runtime live."""
 from __future__ import annotations
 
+import asyncio
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -14,6 +16,7 @@ from teasr_core.model import DualBranchDiT, preset
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("TEASR_SHARED", REPO.parent / "shared"))
 COMFYUI_DIR = Path(os.environ.get("TEASR_COMFYUI_DIR", REPO / ".cache" / "comfyui" / "ComfyUI"))
+PACK = "teasr_pack"   # the name the in-process tests import the pack under
 
 
 def shared_path(*parts: str) -> Path:
@@ -39,6 +42,32 @@ def comfy():
     import comfy.ops  # noqa: F401  (after args.cpu, or model_management asserts CUDA)
     import comfy
     return comfy
+
+
+@pytest.fixture(scope="session")
+def pack(comfy, tmp_path_factory):
+    """The pack after ComfyUI's start-up sequence (import, comfy_entrypoint, get_node_list), models under a tmp dir.
+
+    The pack is imported the way ComfyUI imports it (a package from its folder, not from sys.path), so
+    its `teasr_core` is the pack's own sub-package; fixtures that feed its nodes use that one too.
+    """
+    import folder_paths
+    folder_paths.models_dir = str(tmp_path_factory.mktemp("models"))
+    spec = importlib.util.spec_from_file_location(PACK, REPO / "__init__.py", submodule_search_locations=[str(REPO)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[PACK] = module
+    spec.loader.exec_module(module)
+    extension = asyncio.run(module.comfy_entrypoint())
+    module.node_list = asyncio.run(extension.get_node_list())
+    module.extension = extension
+    from teasr_pack.nodes import common, loader, model, sampler, text_features, tiled  # noqa: F401  (attributes)
+    return module
+
+
+@pytest.fixture(scope="session")
+def teasr_dir(pack):
+    import folder_paths
+    return folder_paths.get_folder_paths("teasr")[0]
 
 
 @pytest.fixture(scope="module")

@@ -1,14 +1,10 @@
-"""The V3 nodes called in-process (no server): schema, loader, IMAGE layout, progress, interrupt, OOM back-off.
-
-The pack is imported the way ComfyUI imports it (a package from its folder, not from sys.path), so
-its `teasr_core` is the pack's own sub-package; test fixtures use that one too.
-"""
+"""The V3 nodes called in-process (no server): schema, loader, IMAGE layout, progress, interrupt, OOM back-off,
+text features. The `pack` fixture (conftest) imports the pack as ComfyUI does."""
 from __future__ import annotations
 
 import asyncio
-import importlib.util
+import json
 import logging
-import sys
 
 import pytest
 import torch
@@ -16,31 +12,8 @@ import torch.nn.functional as F
 
 from conftest import REPO
 
-PACK = "teasr_pack"
-NODE_IDS = ("TEASRLoader", "TEASRAnyStepSampler", "TEASRTiledUpscale")
+NODE_IDS = ("TEASRLoader", "TEASRAnyStepSampler", "TEASRTiledUpscale", "TEASRSaveTextFeatures")
 SAMPLING = dict(steps=2, seed=7, mode="jump", shift=1.0, start_strength=1.0, color_fix="wavelet")
-
-
-@pytest.fixture(scope="session")
-def pack(comfy, tmp_path_factory):
-    """The pack after ComfyUI's start-up sequence (import, comfy_entrypoint, get_node_list), models under a tmp dir."""
-    import folder_paths
-    folder_paths.models_dir = str(tmp_path_factory.mktemp("models"))
-    spec = importlib.util.spec_from_file_location(PACK, REPO / "__init__.py", submodule_search_locations=[str(REPO)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[PACK] = module
-    spec.loader.exec_module(module)
-    extension = asyncio.run(module.comfy_entrypoint())
-    module.node_list = asyncio.run(extension.get_node_list())
-    module.extension = extension
-    from teasr_pack.nodes import common, loader, model, sampler, tiled  # noqa: F401  (attributes of module)
-    return module
-
-
-@pytest.fixture(scope="session")
-def teasr_dir(pack):
-    import folder_paths
-    return folder_paths.get_folder_paths("teasr")[0]
 
 
 def save_tiny(pack, path, seed=0, **overrides):
@@ -441,3 +414,19 @@ def test_pyproject_matches_requirements_and_pins_comfyui(pack):
     shipped = [REPO / path for path in project["tool"]["comfy"]["includes"]]
     assert any(folder in BUNDLED_CHECKPOINT.parents for folder in shipped), "the bundled model must ship"
     assert project["project"]["urls"]["Repository"]
+
+
+def test_text_features_node_writes_the_trainers_context_file(pack, tmp_path, monkeypatch):
+    import folder_paths
+    from teasr_pack.teasr_core.text_features import load_text_features
+    monkeypatch.setattr(folder_paths, "output_directory", str(tmp_path))
+    conditioning = [[torch.randn(2, 5, 16), {"pooled_output": None}], [torch.randn(1, 3, 16), {}]]
+    node = pack.nodes.text_features.TEASRSaveTextFeatures
+    out = node.execute(conditioning, "TEASR/text_features")
+    node.execute(conditioning, "TEASR/text_features")
+    first, second = sorted((tmp_path / "TEASR").glob("*.safetensors"))
+    assert (first.name, second.name) == ("text_features_00001_.safetensors", "text_features_00002_.safetensors")
+    assert torch.equal(load_text_features(first, 16), conditioning[0][0][0])   # the first prompt, [T, D]
+    assert "5 tokens x 16 features" in json.dumps(out.ui.as_dict())
+    with pytest.raises(ValueError, match="16-dim text features.*takes 40"):
+        load_text_features(first, 40)

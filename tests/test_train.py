@@ -21,6 +21,7 @@ from conftest import REPO, shared_path
 from teasr_core.checkpoint import _is_delta_key, load_checkpoint, read_metadata
 from teasr_core.lora import dual_lora_layers
 from teasr_core.model import DualBranchDiT, preset
+from teasr_core.text_features import save_text_features
 from train import bench_step
 from train.config import TrainConfig, parse_config
 from train.distill import main
@@ -149,7 +150,7 @@ def test_lora_on_a_qwen_image_layout_base(tmp_path):
     base_file, context_file = tmp_path / "base.safetensors", tmp_path / "context.safetensors"
     base = DualBranchDiT(preset("tiny", context_dim=40))
     save_file({k: v for k, v in base.state_dict().items() if not _is_delta_key(k)}, base_file)
-    save_file({"context": torch.randn(5, 40)}, context_file)
+    save_text_features(context_file, torch.randn(5, 40))
     train(*tiny_args(tmp_path / "run", "--base", str(base_file), "--context-file", str(context_file),
                      "--no-full-finetune", "--lora-ranks", "4", "4", "--max-steps", "2", "--batch", "2"))
     ckpt = checkpoint(tmp_path / "run", 2)
@@ -247,3 +248,12 @@ def test_state_tree_round_trip():
     back = join_tree(json.loads(json.dumps(split_tree(tree, tensors))), tensors)
     assert back["opt"]["state"][0]["step"] == 2.0 and torch.equal(back["a"], tree["a"])
     assert back["opt"]["groups"] == tree["opt"]["groups"] and back["n"] is None and back["s"] == "x"
+
+
+def test_qwen_image_recipe_parses_with_its_three_files():
+    cfg = parse_config(["--config", str(REPO / "train" / "configs" / "qwen-image.toml"), "--base", "qwen.safetensors",
+                        "--vae", "qwen_image_vae.safetensors", "--context-file", "features.safetensors"])
+    assert (cfg.lora_ranks, cfg.fp8_base, cfg.full_finetune, cfg.crop) == ((128, 128), True, False, 512)
+    assert (cfg.base, cfg.vae, cfg.context_file) == ("qwen.safetensors", "qwen_image_vae.safetensors", "features.safetensors")
+    with pytest.raises(ValueError, match="cannot be combined with codec = 'taef2'"):
+        parse_config(["--vae", "qwen_image_vae.safetensors", "--codec", "taef2"])

@@ -47,7 +47,11 @@ class TrainConfig:
     base: str = opt("", "initial weights: a full TEASR checkpoint or a Qwen-Image base transformer "
                         "(file or diffusers folder); empty = fresh init of `preset`")
     codec: str = opt("auto", "latent space: pixel (lossless space-to-depth), taef2 (FLUX.2 tiny autoencoder) or auto "
-                             "(pixel when the model's input channels are 3 s^2, as in tiny and small-pixel; else taef2)")
+                             "(the `vae` file when set; else pixel when the model's input channels are 3 s^2, as in tiny "
+                             "and small-pixel; else taef2)")
+    vae: str = opt("", "a Qwen-Image VAE file, the latent space of a Qwen-Image base: ComfyUI's "
+                       "qwen_image_vae.safetensors or diffusers' vae/ folder (run by ComfyUI's implementation: train "
+                       "in ComfyUI's Python, or set TEASR_COMFYUI_DIR); needs codec = auto")
     pixel_scale: int = opt(0, "pixel codec: pixels per latent pixel per side; 0 = the preset's (in_channels = 3 s^2)")
     full_finetune: bool = opt(True, "train every parameter (small presets from scratch); false = LoRA")
     lora_ranks: tuple = opt([0, 0], "LoRA ranks (noise branch, condition branch) when full_finetune = false")
@@ -138,6 +142,8 @@ class TrainConfig:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
         if self.codec not in CODECS:
             raise ValueError(f"codec must be one of {CODECS}, got {self.codec!r}")
+        if self.vae and self.codec != "auto":
+            raise ValueError(f"vae = {self.vae!r} is the latent space; it cannot be combined with codec = {self.codec!r}")
         if self.lora_save not in ("delta", "merged"):
             raise ValueError(f"lora_save must be 'delta' or 'merged', got {self.lora_save!r}")
         if self.base_dtype not in ("fp32", "bf16"):

@@ -44,6 +44,8 @@ from teasr_core.checkpoint import (CheckpointError, _is_delta_key, infer_qwen_im
 from teasr_core.codecs import PixelCodec
 from teasr_core.model import DualBranchDiT, preset
 from teasr_core.pipeline import Upscaler, UpscaleSettings, codec_from_config, upscale
+from teasr_core.qwen_vae import load_vae_codec
+from teasr_core.text_features import load_text_features
 
 from .config import TrainConfig, parse_config
 from .data import PairStream, upsample_lr
@@ -102,7 +104,11 @@ class ModelSetup:
 
 
 def make_codec(cfg: TrainConfig, in_channels: int, device):
-    """The codec named by the config; the pixel scale defaults to the model's (in_channels = 3 s^2)."""
+    """The codec named by the config: the `vae` file when set; the pixel scale defaults to the model's
+    (in_channels = 3 s^2)."""
+    if cfg.vae:
+        codec = load_vae_codec(cfg.vae, device=device)
+        return codec, codec.config
     name = cfg.codec
     if name == "auto":
         side = math.isqrt(in_channels // 3)
@@ -144,7 +150,7 @@ def build_model(cfg: TrainConfig, device, seed: int) -> ModelSetup:
     elif _is_teasr_checkpoint(cfg.base):
         ckpt = load_checkpoint(cfg.base, device=device)
         codec_config = ckpt.codec
-        codec = codec_from_config(codec_config, device=device)
+        codec = codec_from_config(codec_config, device=device, vae=cfg.vae or None)
         if cfg.codec != "auto" and codec_config.get("name") != cfg.codec:
             log.warning("the base checkpoint's codec %s is used (config says %r)", codec_config, cfg.codec)
         dit_cfg = _with_lora(cfg, ckpt.dit.cfg)
@@ -164,7 +170,8 @@ def build_model(cfg: TrainConfig, device, seed: int) -> ModelSetup:
         codec, codec_config = make_codec(cfg, dit_cfg.in_channels, device)
         if codec.channels != dit_cfg.in_channels:
             raise ValueError(f"the base {cfg.base} takes {dit_cfg.in_channels}-channel latents (its VAE's), "
-                             f"codec {cfg.codec!r} gives {codec.channels}; train it with a codec of its latent space")
+                             f"the {codec.name} codec gives {codec.channels}; pass the base's VAE (--vae FILE, "
+                             "e.g. qwen_image_vae.safetensors for Qwen-Image)")
         torch.manual_seed(seed)
         dit = load_qwen_image_base(cfg.base, cfg=dit_cfg, device=device, dtype=dtype)
         name = None
@@ -211,9 +218,9 @@ def load_context(cfg: TrainConfig, dit: DualBranchDiT, device) -> torch.Tensor |
         return None
     if not cfg.context_file:
         raise ValueError(f"this model has a text stream (context_dim {dit.cfg.context_dim}): set context_file to a "
-                         "safetensors file with a `context` [T, context_dim] tensor (e.g. empty-prompt features)")
-    from safetensors.torch import load_file
-    return load_file(cfg.context_file)["context"][None].to(device)
+                         "safetensors file with a `context` [T, context_dim] tensor (e.g. empty-prompt features, "
+                         "written by the TEASR Save Text Features node)")
+    return load_text_features(cfg.context_file, dit.cfg.context_dim)[None].to(device)
 
 
 # ---- the trainer ---------------------------------------------------------------------------------
@@ -503,7 +510,7 @@ class Trainer:
         model = self.dit
         columns = [torch.nn.functional.interpolate(lr_image, size=hr.shape[-2:], mode="nearest")]
         with self.ema_weights():
-            upscaler = Upscaler(model, self.codec)
+            upscaler = Upscaler(model, self.codec, self.context)
             for steps in self.cfg.sample_steps:
                 settings = UpscaleSettings(steps=int(steps), scale=self.cfg.scale, seed=self.cfg.seed)
                 columns.append(upscale(upscaler, lr_image, settings))
