@@ -146,6 +146,14 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_import_lora(args) -> int:
+    from .dual_lora import import_dual_lora
+    out = import_dual_lora(args.lora, args.base, args.out, alpha_noise=args.alpha_noise, alpha_cond=args.alpha_cond,
+                           embedder_prefix=args.embedder_prefix)
+    print(f"wrote {out} (a TEASR LoRA checkpoint: load it with --base {args.base})")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m teasr_core", description="TEASR any-step x4 super-resolution")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -166,6 +174,16 @@ def main(argv=None) -> int:
     ev.add_argument("--every", type=int, default=1, help="only every K-th pair (a quick check spread over the set)")
     add_upscale_options(ev)
     ev.set_defaults(run=cmd_eval)
+    im = sub.add_parser("import-lora", help="a LoRA file in the TEASR authors' dual-LoRA naming -> a TEASR LoRA checkpoint")
+    im.add_argument("lora", type=Path, help="safetensors with <module>.lora_A1/B1 (noise) and lora_A2/B2 (condition)")
+    im.add_argument("--base", type=Path, required=True, help="the Qwen-Image base transformer (file or diffusers folder)")
+    im.add_argument("--out", type=Path, required=True, help="the TEASR LoRA checkpoint to write")
+    im.add_argument("--alpha-noise", type=float, help="noise-branch LoRA alpha (default: rank, as the precursor; "
+                                                      "ODTSR-style files: 0)")
+    im.add_argument("--alpha-cond", type=float, help="condition-branch LoRA alpha (default: rank)")
+    im.add_argument("--embedder-prefix", help="where the file keeps the second timestep embedder (default: "
+                                              "time_text_embed_2 or t_embedder_2; none: a copy of the base's)")
+    im.set_defaults(run=cmd_import_lora)
     args = ap.parse_args(argv)
     try:
         return args.run(args)

@@ -112,12 +112,14 @@ def _header_shapes(header: dict, prefix: str = "") -> dict[str, tuple]:
             if name != "__metadata__" and name.startswith(prefix)}
 
 
-def _read_tensors(path: Path, device, prefix: str = "") -> dict[str, torch.Tensor]:
-    """Tensors whose names start with `prefix`, prefix stripped, loaded straight onto `device`."""
+def _read_tensors(path: Path, device, prefix: str = "", names: set | None = None) -> dict[str, torch.Tensor]:
+    """Tensors whose names start with `prefix` (and, prefix stripped, are in `names` if given), loaded
+    straight onto `device`."""
     _read_header(path)
     try:
         with safe_open(str(path), framework="pt", device=str(torch.device(device))) as f:
-            return {name[len(prefix):]: f.get_tensor(name) for name in f.keys() if name.startswith(prefix)}
+            return {name[len(prefix):]: f.get_tensor(name) for name in f.keys() if name.startswith(prefix)
+                    and (names is None or name[len(prefix):] in names)}
     except (SafetensorError, OSError, RuntimeError) as e:
         raise _not_safetensors(path, str(e)) from None
 
@@ -317,23 +319,31 @@ def save_checkpoint(path, dit: DualBranchDiT, codec: dict, *, preset: str | None
     `merge_lora` rewrites base weights, so save a merged model in full.
     """
     path = Path(path)
-    _check_codec(codec, dit.cfg)
     state = dit.state_dict()
     if lora_only:
         state = {k: v for k, v in state.items() if _is_delta_key(k)}
-    meta = {
+    layer_alphas = {name: list(layer.alphas) for name, layer in dual_lora_layers(dit) if any(layer.ranks)}
+    meta = checkpoint_metadata(dit.cfg, codec, kind="lora" if lora_only else "full", preset=preset,
+                               layer_alphas=layer_alphas, training=training)
+    _atomic_save(_file_tensors(state, dtype), path, {METADATA_KEY: json.dumps(meta), "format": "pt"})
+    return path
+
+
+def checkpoint_metadata(cfg: DiTConfig, codec: dict, *, kind: str, preset: str | None = None,
+                        layer_alphas: dict | None = None, training: dict | None = None) -> dict:
+    """The header's TEASR config (see the module docstring); refuses a codec that cannot feed the model."""
+    _check_codec(codec, cfg)
+    return {
         "format_version": FORMAT_VERSION,
-        "kind": "lora" if lora_only else "full",
+        "kind": kind,
         "preset": preset,
-        "dit": dit.cfg.to_dict(),
+        "dit": cfg.to_dict(),
         "codec": codec,
-        "lora_ranks": list(dit.cfg.lora_ranks),
-        "lora_alphas": {name: list(layer.alphas) for name, layer in dual_lora_layers(dit) if any(layer.ranks)},
+        "lora_ranks": list(cfg.lora_ranks),
+        "lora_alphas": layer_alphas or {},
         "version": __version__,
         "training": training or {},
     }
-    _atomic_save(_file_tensors(state, dtype), path, {METADATA_KEY: json.dumps(meta), "format": "pt"})
-    return path
 
 
 # ---- loading TEASR checkpoints -----------------------------------------------------------------
@@ -377,9 +387,8 @@ def _load_base(base: Path, cfg: DiTConfig, device) -> DualBranchDiT:
     return dit
 
 
-def _apply_delta(dit: DualBranchDiT, path: Path, meta: dict, device) -> None:
+def _apply_delta(dit: DualBranchDiT, path: Path, meta: dict, tensors: dict) -> None:
     """Replace the base's TEASR-trained tensors by the delta's (LoRA ranks may differ per layer)."""
-    tensors = _read_tensors(path, device)
     compute = dit.compute_dtype
     for name, t in tensors.items():
         if not _is_lora_key(name) and _castable(name, t):
@@ -399,17 +408,24 @@ def load_checkpoint(path, *, device="cpu", dtype: torch.dtype | None = None, fp8
     or diffusers folder); a full checkpoint is self-contained and ignores `base`. `fp8` stores the
     block weights as fp8; `dtype` casts everything else (fp8 weights and their scales stay).
     """
+    from .dual_lora import convert_dual_lora, is_dual_lora_file
     path = Path(path)
-    meta = read_metadata(path)
-    if meta["kind"] == "full":
+    dual_lora = is_dual_lora_file(path)
+    meta = None if dual_lora else read_metadata(path)
+    if meta is not None and meta["kind"] == "full":
         dit = _load_full(path, meta, device)
     else:
         if base is None:
-            raise CheckpointError(f"{path} is a TEASR LoRA checkpoint (only the TEASR-trained tensors): pass "
-                                  "base= (--base on the command line), a full TEASR checkpoint or a Qwen-Image "
-                                  "base transformer file or diffusers folder")
+            raise CheckpointError(f"{path} is a {'dual-LoRA file' if dual_lora else 'TEASR LoRA checkpoint'} (only "
+                                  "trained tensors): pass base= (--base on the command line), a full TEASR "
+                                  "checkpoint or a Qwen-Image base transformer file or diffusers folder")
+        if dual_lora:   # the authors' naming, converted in memory with the default alphas
+            tensors, meta = convert_dual_lora(path, base)
+            tensors = {k: v.to(device) for k, v in tensors.items()}
+        else:
+            tensors = _read_tensors(path, device)
         dit = _load_base(Path(base), _config(path, meta), device)
-        _apply_delta(dit, path, meta, device)
+        _apply_delta(dit, path, meta, tensors)
     return TEASRCheckpoint(dit=_finish(dit, dtype, fp8), codec=meta.get("codec", {}), meta=meta)
 
 
@@ -528,6 +544,19 @@ def _absorb_fp8_scales(tensors: dict, fp8_layers: set, float_dtype: torch.dtype)
             tensors[f"{layer}.weight_scale"] = scale.expand(t.shape[0]).contiguous()
         else:
             tensors[name] = (t.float() * scale.reshape(-1, *[1] * (t.ndim - 1))).to(float_dtype)
+
+
+def read_qwen_base_tensors(path, names) -> dict[str, torch.Tensor]:
+    """Only the named tensors of a Qwen-Image base (fp8 ones dequantized), e.g. its timestep embedder."""
+    wanted = {n for name in names for n in (name, *(name.rpartition(".")[0] + s for s in (".scale_weight", ".weight_scale")))}
+    tensors = {}
+    for file, prefix in _qwen_sources(Path(path)):
+        tensors.update(_read_tensors(file, "cpu", prefix, wanted))
+    _absorb_fp8_scales(tensors, set(), _stored_float_dtype(tensors))
+    missing = sorted(set(names) - set(tensors))
+    if missing:
+        raise CheckpointError(f"{path} is not a Qwen-Image base: it has no {', '.join(missing)}")
+    return tensors
 
 
 def load_qwen_image_base(path, *, cfg: DiTConfig | None = None, device="cpu",
