@@ -21,7 +21,7 @@ from PIL import Image
 from comfy_server import Client, ComfyServer, node_id, ui_to_api, with_input
 from conftest import COMFYUI_DIR, REPO, shared_path
 
-NODE_IDS = ("TEASRLoader", "TEASRAnyStepSampler", "TEASRTiledUpscale")
+NODE_IDS = ("TEASRLoader", "TEASRAnyStepSampler", "TEASRTiledUpscale", "TEASRSaveTextFeatures")
 WORKFLOWS = sorted(p.stem for p in (REPO / "workflows" / "api").glob("*.json"))
 FRONTEND_ONLY = {"MarkdownNote", "Note"}      # UI annotations, never part of an API graph
 MIN_MEAN_DIFF = 2.0                          # 0..255: the model's output is not a bicubic upscale
@@ -35,6 +35,9 @@ def photo(name: str) -> Image.Image:
 
 
 INPUTS = {"teasr_single_image_upscale": "lr128", "teasr_step_comparison": "lr128", "teasr_tiled_large_photo": "photo"}
+# workflows that need the user's Qwen-Image files (a 7B text encoder among them): checked up to those files
+MODEL_FILES = {"teasr_qwen_image_text_features": {"clip_name"},
+               "teasr_qwen_image_upscale": {"clip_name", "vae_name", "checkpoint", "base_model"}}
 
 
 @pytest.fixture(scope="session")
@@ -125,7 +128,11 @@ def test_template_browser_lists_exactly_the_example_workflows(server):
 
 
 # ---- the shipped workflows ---------------------------------------------------------------------------
-@pytest.mark.parametrize("name", WORKFLOWS)
+def test_every_workflow_is_run_or_checked():
+    assert sorted([*INPUTS, *MODEL_FILES]) == WORKFLOWS
+
+
+@pytest.mark.parametrize("name", sorted(INPUTS))
 def test_workflow_runs_and_upscales_x4(server, name):
     source = photo(INPUTS[name])
     graph = load_api(name)
@@ -151,6 +158,18 @@ def test_workflow_runs_and_upscales_x4(server, name):
                 assert np.abs(picture - bicubic_x4(lr)).mean() > MIN_MEAN_DIFF
             if len(pictures) > 1:   # the step comparison: more steps change the image
                 assert np.abs(pictures[0].astype(float) - pictures[-1]).mean() > MIN_MEAN_DIFF
+
+
+@pytest.mark.parametrize("name", sorted(MODEL_FILES))
+def test_qwen_image_workflows_fail_validation_only_for_the_absent_model_files(server, name):
+    async def body(client):
+        uploaded = await client.upload(small_photo(), "teasr_qwen.png")
+        return await client.submit(with_input(load_api(name), "LoadImage", image=uploaded))
+
+    status, answer = run(body, server)
+    assert status == 400, answer
+    errors = {(e["type"], e["extra_info"]["input_name"]) for node in answer["node_errors"].values() for e in node["errors"]}
+    assert errors == {("value_not_in_list", input_name) for input_name in MODEL_FILES[name]}, errors
 
 
 # ---- queueing, validation, errors, interrupt ------------------------------------------------------------
