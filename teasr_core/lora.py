@@ -5,11 +5,14 @@ condition token, passed explicitly (never inferred as "half the sequence"). A (B
 the modulation layers get from the stacked `[emb(t), emb(t_target)]`, is the same thing with
 split=1, which is how each branch gets its own adaLN parameters.
 
-The base weight can be stored as fp8 e4m3 with one scale per output channel; it is dequantised to
-the compute dtype per call, so the stored model takes half the memory of bf16.
+The base weight can be stored as fp8 e4m3 with one scale per output channel, so the stored model
+takes half the memory of bf16. On GPUs with fp8 matrix units (compute capability 8.9+: Ada, Hopper,
+Blackwell) the base product runs as a real fp8 matmul (`torch._scaled_mm`, the activations quantised
+per token); elsewhere, and for the backward pass, the weight is dequantised to the compute dtype.
 """
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -19,6 +22,31 @@ import torch.nn.functional as F
 BRANCHES = ("noise", "cond")
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max
+log = logging.getLogger("teasr")
+
+
+def fp8_matmul_available(x: torch.Tensor) -> bool:
+    """Whether x can go through a real fp8 matmul: bf16 on a GPU with fp8 matrix units (CUDA 8.9+)."""
+    return x.is_cuda and x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (8, 9)
+
+
+class _ScaledFP8Linear(torch.autograd.Function):
+    """rows [N, in] times W^T, W fp8 [out, in] with a per-output-channel scale: forward as a real fp8
+    matmul with the rows quantised one by one; backward (input gradient only: W is frozen) with W
+    dequantised."""
+
+    @staticmethod
+    def forward(ctx, rows, weight, scale):
+        row_scale = rows.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / FP8_MAX
+        rows_fp8 = (rows / row_scale.to(rows.dtype)).to(FP8)
+        ctx.save_for_backward(weight, scale)
+        return torch._scaled_mm(rows_fp8, weight.t(), scale_a=row_scale, scale_b=scale.float()[None],
+                                out_dtype=rows.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        weight, scale = ctx.saved_tensors
+        return grad @ (weight.to(grad.dtype) * scale.to(grad.dtype)[:, None]), None, None
 
 
 class DualLoRALinear(nn.Module):
@@ -38,6 +66,7 @@ class DualLoRALinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype),
                                  requires_grad=False) if bias else None
         self.register_buffer("weight_scale", None)
+        self.fp8_matmul = True      # turned off for good if torch._scaled_mm refuses this layer
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
         self.ranks = tuple(ranks)
         self.alphas = tuple(alphas) if alphas is not None else tuple(float(r) for r in ranks)
@@ -73,7 +102,9 @@ class DualLoRALinear(nn.Module):
         split=None means "no branches here" (the text stream): base only.
         """
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        y = F.linear(x, self.base_weight(x.dtype), bias)
+        y = self._fp8_product(x, bias) if self.is_fp8 and self.fp8_matmul and fp8_matmul_available(x) else None
+        if y is None:
+            y = F.linear(x, self.base_weight(x.dtype), bias)
         if split is None:
             return y
         length = x.shape[-2]
@@ -85,6 +116,19 @@ class DualLoRALinear(nn.Module):
             delta = F.linear(F.linear(x[..., lo:hi, :], a.to(x.dtype)), b.to(x.dtype))
             y[..., lo:hi, :] += self.lora_scale(branch) * delta
         return y
+
+    def _fp8_product(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+        """The base product as a real fp8 matmul, or None (then never again for this layer) where
+        torch._scaled_mm refuses it: a shape or dtype this GPU's kernels do not take."""
+        try:    # 2-D in and out: the LoRA terms are added in place to a plain view of the result
+            y = _ScaledFP8Linear.apply(x.reshape(-1, x.shape[-1]), self.weight, self.weight_scale)
+            y = y.view(*x.shape[:-1], self.out_features)
+        except RuntimeError as e:
+            log.warning("TEASR: no fp8 matmul for a %s layer (%s); dequantising its weight instead",
+                        tuple(self.weight.shape), str(e).splitlines()[0])
+            self.fp8_matmul = False
+            return None
+        return y if bias is None else y + bias
 
     # ---- storage -------------------------------------------------------------------------
     def _apply(self, fn, recurse=True):

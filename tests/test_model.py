@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from teasr_core import lora as lora_module
 from teasr_core.lora import DualLoRALinear
 from teasr_core.model import DualBranchDiT, preset
 
@@ -149,6 +150,36 @@ def test_fp8_base_within_bf16_tolerance():
     fp8_err = (fp8 - ref).abs().mean() / ref.abs().mean()
     assert fp8_err < 0.05, fp8_err
     assert fp8_err < 4 * bf16_err + 0.01, (fp8_err, bf16_err)
+
+
+def test_fp8_base_runs_real_fp8_matmuls_where_the_device_has_them(monkeypatch, caplog):
+    """CUDA 8.9+ takes torch._scaled_mm (row-wise scales); this CPU runs the same kernel call when told to."""
+    torch.manual_seed(5)
+    layer = DualLoRALinear(64, 48, ranks=(4, 4))
+    with torch.no_grad():
+        layer.lora_noise_B.normal_()
+        layer.lora_cond_B.normal_()
+    layer.quantize_fp8()
+    x = torch.randn(2, 10, 64, dtype=torch.bfloat16)
+    dequantised = x.clone().requires_grad_()
+    want = layer(dequantised, 6)
+    want.float().square().sum().backward()
+
+    monkeypatch.setattr(lora_module, "fp8_matmul_available", lambda x: True)
+    fp8 = x.clone().requires_grad_()
+    got = layer(fp8, 6)
+    got.float().square().sum().backward()
+    rel = lambda a, b: ((a.float() - b.float()).norm() / b.float().norm()).item()
+    assert rel(got, want) < 0.05                      # activations quantised to e4m3 per token
+    assert rel(fp8.grad, dequantised.grad) < 0.05     # backward through the dequantised weight
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("Expected trailing dimension of mat1 to be divisible by 16")
+
+    monkeypatch.setattr(torch, "_scaled_mm", refuse)
+    with caplog.at_level("WARNING", logger="teasr"), torch.no_grad():
+        assert torch.equal(layer(x, 6), want.detach())
+    assert not layer.fp8_matmul and "no fp8 matmul" in caplog.text
 
 
 def test_dtype_cast_keeps_an_fp8_base_and_its_scales():
