@@ -15,6 +15,7 @@ import json
 import os
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -71,6 +72,46 @@ def matmul_flops(cfg, image_tokens: int, context_tokens: int) -> float:
     return linear + attention
 
 
+def time_forward(preset_name: str, side: int, context: int, lora_rank: int, *, fp8: bool = False,
+                 comfy: bool = True, iters: int = 5, on_row=None) -> dict:
+    """Seconds per forward of ours (dual LoRA active; fp8 base if asked) and of ComfyUI's model fed the
+    same number of image tokens; `on_row(row)` sees each row as soon as it is measured."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    cfg = preset(preset_name, lora_ranks=(lora_rank, lora_rank))
+    ctx_dim = cfg.context_dim or cfg.width
+    tokens = (side // cfg.patch) ** 2
+    x = torch.randn(1, cfg.in_channels, side, side, device=device, dtype=dtype)
+    cond, ctx = torch.randn_like(x), torch.randn(1, context, ctx_dim, device=device, dtype=dtype)
+    sigma, target = torch.tensor([0.7], device=device), torch.tensor([0.0], device=device)
+    rows = []
+
+    def add(label, model, seconds):
+        rows.append({"model": label, "params": count_parameters(model), "seconds": seconds})
+        if on_row:
+            on_row(rows[-1])
+
+    with torch.device("meta"):
+        ours = DualBranchDiT(cfg)
+    ours = ours.to_empty(device=device).to(dtype).eval()
+    init_random(ours)
+    if fp8:
+        ours.quantize_base_fp8()
+    with torch.inference_mode():
+        seconds = timed(partial(ours, x, cond, sigma, target, ctx), 2, iters, device)
+    add("teasr dual-branch" + (" fp8" if fp8 else ""), ours, seconds)
+    del ours                                                # room for the second 20 B model
+    if comfy:
+        ref = comfy_model(cfg, device, dtype)
+        init_random(ref)
+        x2 = torch.cat([x, cond], -1)[:, :, None]          # same number of image tokens: 2 * tokens
+        with torch.inference_mode():
+            add("comfyui QwenImageTransformer2DModel", ref, timed(partial(ref, x2, sigma, ctx), 2, iters, device))
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    return {"device": name, "dtype": str(dtype), "torch": torch.__version__, "image_tokens": 2 * tokens,
+            "context": context, "lora_rank": lora_rank, "flops": matmul_flops(cfg, 2 * tokens, context), "rows": rows}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="qwen-image")
@@ -82,42 +123,18 @@ def main():
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--peak-tflops", type=float, default=776.0, help="bf16 matmul ceiling for the % column")
     args = ap.parse_args()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    cfg = preset(args.preset, lora_ranks=(args.lora_rank, args.lora_rank))
-    ctx_dim = cfg.context_dim or cfg.width
-    tokens = (args.side // cfg.patch) ** 2
-    x = torch.randn(1, cfg.in_channels, args.side, args.side, device=device, dtype=dtype)
-    cond, ctx = torch.randn_like(x), torch.randn(1, args.context, ctx_dim, device=device, dtype=dtype)
-    sigma, target = torch.tensor([0.7], device=device), torch.tensor([0.0], device=device)
-    rows = []
-    with torch.device("meta"):
-        ours = DualBranchDiT(cfg)
-    ours = ours.to_empty(device=device).to(dtype).eval()
-    init_random(ours)
-    if args.fp8:
-        ours.quantize_base_fp8()
-    with torch.inference_mode():
-        t = timed(lambda: ours(x, cond, sigma, target, ctx), 2, args.iters, device)
-    rows.append(("teasr dual-branch" + (" fp8" if args.fp8 else ""), count_parameters(ours), 2 * tokens, t))
-    del ours
-    if not args.no_comfy:
-        ref = comfy_model(cfg, device, dtype)
-        init_random(ref)
-        x2 = torch.cat([x, cond], -1)[:, :, None]          # same number of image tokens: 2 * tokens
-        with torch.inference_mode():
-            t = timed(lambda: ref(x2, sigma, ctx), 2, args.iters, device)
-        rows.append(("comfyui QwenImageTransformer2DModel", count_parameters(ref), 2 * tokens, t))
-    flops = matmul_flops(cfg, 2 * tokens, args.context)
-    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    print(f"# {datetime.date.today()} {name} torch {torch.__version__} {dtype} preset={args.preset} "
-          f"image tokens={2 * tokens} context={args.context} lora rank={args.lora_rank}")
-    for label, params, tok, sec in rows:
-        print(f"{label:40s} params={params / 1e9:.2f}B  {sec:.4f} s  "
+    result = time_forward(args.preset, args.side, args.context, args.lora_rank, fp8=args.fp8,
+                          comfy=not args.no_comfy, iters=args.iters)
+    rows, flops = result["rows"], result["flops"]
+    print(f"# {datetime.date.today()} {result['device']} torch {torch.__version__} {result['dtype']} "
+          f"preset={args.preset} image tokens={result['image_tokens']} context={args.context} lora rank={args.lora_rank}")
+    for row in rows:
+        sec = row["seconds"]
+        print(f"{row['model']:40s} params={row['params'] / 1e9:.2f}B  {sec:.4f} s  "
               f"{flops / sec / 1e12:.1f} TFLOP/s ({100 * flops / sec / 1e12 / args.peak_tflops:.0f}% of {args.peak_tflops:.0f})")
     if len(rows) == 2:
-        print(f"speed ratio comfyui/ours = {rows[1][3] / rows[0][3]:.3f} (>= 1.0: ours is at least as fast)")
-    print(json.dumps({"rows": rows, "flops": flops}))
+        print(f"speed ratio comfyui/ours = {rows[1]['seconds'] / rows[0]['seconds']:.3f} (>= 1.0: ours is at least as fast)")
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 
 from teasr_core.model import preset
+from teasr_core.text_features import save_text_features
 
 from .config import TrainConfig
 from .distill import Dist, Trainer
@@ -54,6 +54,31 @@ def bench(cfg: TrainConfig, device: torch.device, warmup: int, repeat: int) -> d
     return result
 
 
+def compare(preset_name: str, resolution: int, *, device: torch.device, batch: int = 1, rank: int = 128,
+            fp8: bool = False, grad_ckpt: bool = False, pixel_scale: int = 8, context_tokens: int = 32,
+            teacher_steps: int = 4, rcgm_substeps: int = 2, objectives=("teasr", "tadsr"), warmup: int = 1,
+            repeat: int = 3, on_result=None) -> list[dict]:
+    """`bench` of each objective on the same preset and settings; `on_result` sees each result as it comes."""
+    lora = dict(full_finetune=False, lora_ranks=(rank, rank)) if rank else dict(full_finetune=True)
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        context_file = ""
+        context_dim = preset(preset_name).context_dim
+        if context_dim:
+            context_file = str(save_text_features(Path(tmp) / "context.safetensors",
+                                                  torch.randn(context_tokens, context_dim)))
+        for objective in objectives:
+            cfg = TrainConfig(preset=preset_name, objective=objective, crop=resolution, batch=batch,
+                              pixel_scale=pixel_scale, fp8_base=fp8, gradient_checkpointing=grad_ckpt,
+                              base_dtype="bf16" if device.type == "cuda" else "fp32", context_file=context_file,
+                              teacher_steps=teacher_steps, rcgm_substeps=rcgm_substeps,
+                              sample_every=0, out=tmp, **lora)
+            results.append(bench(cfg, device, warmup, repeat))
+            if on_result:
+                on_result(results[-1])
+    return results
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m train.bench_step", description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="small")
@@ -77,21 +102,10 @@ def main(argv=None) -> None:
         torch.set_num_threads(args.cpu_threads)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    lora = dict(full_finetune=False, lora_ranks=(args.rank, args.rank)) if args.rank else dict(full_finetune=True)
-    results = []
-    with tempfile.TemporaryDirectory() as tmp:
-        context_file = ""
-        context_dim = preset(args.preset).context_dim
-        if context_dim:
-            context_file = str(Path(tmp) / "context.safetensors")
-            save_file({"context": torch.randn(args.context_tokens, context_dim)}, context_file)
-        for objective in args.objectives.split(","):
-            cfg = TrainConfig(preset=args.preset, objective=objective, crop=args.resolution, batch=args.batch,
-                              pixel_scale=args.pixel_scale, fp8_base=args.fp8, gradient_checkpointing=args.grad_ckpt,
-                              base_dtype="bf16" if device.type == "cuda" else "fp32", context_file=context_file,
-                              teacher_steps=args.teacher_steps, rcgm_substeps=args.rcgm_substeps,
-                              sample_every=0, out=tmp, **lora)
-            results.append(bench(cfg, device, args.warmup, args.repeat))
+    results = compare(args.preset, args.resolution, device=device, batch=args.batch, rank=args.rank, fp8=args.fp8,
+                      grad_ckpt=args.grad_ckpt, pixel_scale=args.pixel_scale, context_tokens=args.context_tokens,
+                      teacher_steps=args.teacher_steps, rcgm_substeps=args.rcgm_substeps,
+                      objectives=args.objectives.split(","), warmup=args.warmup, repeat=args.repeat)
     memory = "peak CUDA GB" if device.type == "cuda" else "peak RSS GB"
     print(f"\n{args.preset} @ {args.resolution}px, batch {args.batch}, LoRA rank {args.rank or 'full'}, "
           f"fp8 {'on' if args.fp8 else 'off'}, grad-ckpt {'on' if args.grad_ckpt else 'off'}, {device} "
