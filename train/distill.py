@@ -270,7 +270,7 @@ class Trainer:
 
     def _open_cache(self, k: int) -> CachedPairs:
         cfg = self.cfg
-        stream = CachedPairs(cfg.data_cache, batch_size=cfg.batch, seed=mix_seed(cfg.seed, "data", k),
+        stream = CachedPairs(cfg.data_cache.split(","), batch_size=cfg.batch, seed=mix_seed(cfg.seed, "data", k),
                              device=self.env.device, shards=cfg.cache_shards)
         meta = stream.meta
         if (meta["crop"], meta["scale"]) != (cfg.crop, cfg.scale):
