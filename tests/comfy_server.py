@@ -22,8 +22,12 @@ import aiohttp
 import numpy as np
 from PIL import Image
 
+from conftest import REPO
+
 BOOT_TIMEOUT_S = 300
 PACK_NAME = "teasr"
+NODE_IDS = ("TEASRLoader", "TEASRAnyStepSampler", "TEASRTiledUpscale")
+WORKFLOWS = sorted(p.stem for p in (REPO / "workflows" / "api").glob("*.json"))
 DONE = ("execution_success", "execution_error", "execution_interrupted")
 
 
@@ -42,7 +46,8 @@ class ComfyServer:
     comfy_dir: Path
     repo: Path
     base: Path
-    node_ids: tuple[str, ...]
+    node_ids: tuple[str, ...] = NODE_IDS
+    front_end_root: Path | None = None      # the web UI to serve; None: no UI (an empty folder), API only
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen | None = None
     boot_seconds: float = 0.0
@@ -59,11 +64,13 @@ class ComfyServer:
         return self.log_path.read_text(errors="replace")[-chars:] if self.log_path.exists() else "(no log)"
 
     def start(self) -> "ComfyServer":
+        if not (self.comfy_dir / "main.py").is_file():
+            raise ServerError(f"ComfyUI runtime not found at {self.comfy_dir}: run `bash scripts/setup.sh test`")
         (self.base / "custom_nodes").mkdir(parents=True, exist_ok=True)
         (self.base / "custom_nodes" / PACK_NAME).symlink_to(self.repo, target_is_directory=True)
         cmd = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
                "--disable-auto-launch", "--base-directory", str(self.base), "--database-url", "sqlite:///:memory:",
-               "--disable-api-nodes", "--front-end-root", str(self.base)]
+               "--disable-api-nodes", "--front-end-root", str(self.front_end_root or self.base)]
         t0 = time.perf_counter()
         with open(self.log_path, "w") as log:
             self.proc = subprocess.Popen(cmd, cwd=self.comfy_dir, stdout=log, stderr=subprocess.STDOUT,
@@ -221,6 +228,16 @@ class Client:
 
 
 # ---- workflows ---------------------------------------------------------------------------------------
+def load_api(name: str) -> dict:
+    """A shipped API-format workflow, workflows/api/<name>.json."""
+    return json.loads((REPO / "workflows" / "api" / f"{name}.json").read_text())
+
+
+def panels(output: np.ndarray, width: int) -> list[np.ndarray]:
+    """A horizontally stitched output split back into its panels."""
+    return [output[:, i:i + width] for i in range(0, output.shape[1], width)]
+
+
 def combo_options(spec: list) -> list | None:
     """Options of a combo input in /object_info: V1 `[[...], {...}]` or V3 `["COMBO", {"options": [...]}]`."""
     if isinstance(spec[0], list):

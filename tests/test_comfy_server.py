@@ -18,11 +18,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from comfy_server import Client, ComfyServer, node_id, ui_to_api, with_input
+from comfy_server import NODE_IDS, WORKFLOWS, Client, ComfyServer, load_api, node_id, panels, ui_to_api, with_input
 from conftest import COMFYUI_DIR, REPO, shared_path
 
-NODE_IDS = ("TEASRLoader", "TEASRAnyStepSampler", "TEASRTiledUpscale")
-WORKFLOWS = sorted(p.stem for p in (REPO / "workflows" / "api").glob("*.json"))
 FRONTEND_ONLY = {"MarkdownNote", "Note"}      # UI annotations, never part of an API graph
 MIN_MEAN_DIFF = 2.0                          # 0..255: the model's output is not a bicubic upscale
 TIMINGS: dict[str, float] = {}
@@ -39,12 +37,10 @@ INPUTS = {"teasr_single_image_upscale": "lr128", "teasr_step_comparison": "lr128
 
 @pytest.fixture(scope="session")
 def server(tmp_path_factory):
-    if not (COMFYUI_DIR / "main.py").is_file():
-        pytest.fail(f"ComfyUI runtime not found at {COMFYUI_DIR}: run `bash scripts/setup.sh test`")
     base = tmp_path_factory.mktemp("comfy-base")
     (base / "models" / "teasr").mkdir(parents=True)
     (base / "models" / "teasr" / "broken.safetensors").write_bytes(b"\x80\x04not a safetensors file")
-    srv = ComfyServer(COMFYUI_DIR, REPO, base, NODE_IDS).start()
+    srv = ComfyServer(COMFYUI_DIR, REPO, base).start()
     TIMINGS["boot"] = srv.boot_seconds
     print(f"\n[comfy] server boot {srv.boot_seconds:.1f} s (port {srv.port})")
     yield srv
@@ -62,10 +58,6 @@ def run(coro_fn, server):
     return asyncio.run(main())
 
 
-def load_api(name: str) -> dict:
-    return json.loads((REPO / "workflows" / "api" / f"{name}.json").read_text())
-
-
 def object_info(server) -> dict:
     with urllib.request.urlopen(f"{server.url}/object_info", timeout=30) as r:
         return json.load(r)
@@ -81,11 +73,6 @@ def execution_seconds(messages: list[dict]) -> float:
     stamps = {m["type"]: m["data"]["timestamp"] for m in messages if "timestamp" in m.get("data", {})}
     end = next(stamps[t] for t in ("execution_success", "execution_error", "execution_interrupted") if t in stamps)
     return (end - stamps["execution_start"]) / 1000
-
-
-def panels(output: np.ndarray, width: int) -> list[np.ndarray]:
-    """A horizontally stitched output split back into its panels."""
-    return [output[:, i:i + width] for i in range(0, output.shape[1], width)]
 
 
 # ---- registration ----------------------------------------------------------------------------------
