@@ -238,46 +238,6 @@ def panels(output: np.ndarray, width: int) -> list[np.ndarray]:
     return [output[:, i:i + width] for i in range(0, output.shape[1], width)]
 
 
-def combo_options(spec: list) -> list | None:
-    """Options of a combo input in /object_info: V1 `[[...], {...}]` or V3 `["COMBO", {"options": [...]}]`."""
-    if isinstance(spec[0], list):
-        return spec[0]
-    return spec[1].get("options") if spec[0] == "COMBO" else None
-
-
-def ui_to_api(ui: dict, object_info: dict) -> dict:
-    """The API graph a UI-format workflow exports to: links become [node, slot], widgets become literals.
-
-    widgets_values are positional over the widget inputs (required, then optional, in /object_info's
-    input_order), with the frontend's control_after_generate companion value after such inputs.
-    """
-    links = {link[0]: link for link in ui["links"]}
-    graph = {}
-    for node in ui["nodes"]:
-        info = object_info[node["type"]]
-        inputs = {}
-        for socket in node.get("inputs", []):
-            if socket.get("link") is not None:
-                _, source, slot, *_ = links[socket["link"]]
-                inputs[socket["name"]] = [str(source), slot]
-        values = iter(node.get("widgets_values", []))
-        for group in ("required", "optional"):
-            for name in info["input_order"].get(group, []):
-                spec = info["input"][group][name]
-                if spec[0] not in ("INT", "FLOAT", "STRING", "BOOLEAN") and combo_options(spec) is None:
-                    continue                      # a socket-only input (IMAGE, MODEL, ...)
-                value = next(values)              # a widget turned into a linked socket keeps its slot
-                inputs.setdefault(name, value)
-                if spec[1].get("control_after_generate"):
-                    next(values)
-        graph[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
-    return graph
-
-
-def strip_meta(graph: dict) -> dict:
-    return {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in graph.items()}
-
-
 def with_input(graph: dict, class_type: str, **inputs) -> dict:
     """A copy of `graph` with `inputs` set on every node of `class_type`."""
     graph = json.loads(json.dumps(graph))
