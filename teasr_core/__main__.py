@@ -111,7 +111,7 @@ def cmd_upscale(args) -> int:
 def cmd_eval(args) -> int:
     import json
 
-    from .evaluate import baseline_methods, evaluate, format_table, pair_files
+    from .eval.evaluate import baseline_methods, evaluate, format_table, pair_files
     pairs = pair_files(args.lr, args.hr)[::args.every][:args.limit]
     steps = [int(s) for s in args.steps.split(",") if s]
     methods = baseline_methods([b for b in args.baselines.split(",") if b], args.device)

@@ -555,8 +555,8 @@ def _load_into(target: torch.Tensor, full: torch.Tensor) -> None:
 
 def load_lpips(device):
     """LPIPS (AlexNet) from the converted weight cache, or None (logged) when it is absent."""
-    from teasr_core.metrics import LPIPS
-    from teasr_core.weights import MissingWeightsError
+    from teasr_core.eval.metrics import LPIPS
+    from teasr_core.eval.weights import MissingWeightsError
     try:
         return LPIPS().to(device)
     except MissingWeightsError as e:
