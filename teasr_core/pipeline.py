@@ -28,7 +28,7 @@ from .tiling import Rows, RowStream, RunningMoments, Tile, blend_rows, gather, p
 
 Progress = Callable[[int, int], None]  # (done, total) after every model call
 CODEC_TILE = 1024      # output px per side of a codec (encode / decode) tile
-ROW_BAND_PIXELS = 2 ** 22  # colour-fix band size: rows x output width (plus the wavelet margin)
+ROW_BAND_PIXELS = 2 ** 20  # colour-fix band size: rows x output width (plus the wavelet margin)
 
 
 class Canvas(Protocol):
