@@ -66,7 +66,7 @@ def is_local(codec: Codec) -> bool:
 
 
 def tiled_map(compute: Callable[[Tile], torch.Tensor], hw: tuple[int, int], tile: int, margin: int, overlap: int,
-           scale: int) -> Iterator[Rows]:
+              scale: int) -> Iterator[Rows]:
     """blend_rows of `compute(window)` over latent tiles, each run on the tile grown by `margin` and cropped back."""
     h, w = hw
     tiles = plan_tiles(h, w, max(tile, overlap + 1), overlap)
@@ -87,14 +87,14 @@ def tiled_encode(codec: Codec, image_window: Callable[[int, int, int, int], torc
     s = codec.scale
     encode = lambda t: codec.encode(image_window(t.y0 * s, (t.y0 + t.h) * s, t.x0 * s, (t.x0 + t.w) * s))  # noqa: E731
     return gather(tiled_map(encode, latent_hw, tile, getattr(codec, "tile_margin", 0),
-                         getattr(codec, "tile_overlap", 0), 1))
+                            getattr(codec, "tile_overlap", 0), 1))
 
 
 def tiled_decode(codec: Codec, latent: torch.Tensor, tile: int) -> Iterator[Rows]:
     """Image rows of `latent` [B, C, h, w], decoded tile by tile (tile in latent px)."""
     decode = lambda t: codec.decode(latent[..., t.y0:t.y0 + t.h, t.x0:t.x0 + t.w])  # noqa: E731
     return tiled_map(decode, tuple(latent.shape[-2:]), tile, getattr(codec, "tile_margin", 0),
-                  getattr(codec, "tile_overlap", 0), codec.scale)
+                     getattr(codec, "tile_overlap", 0), codec.scale)
 
 
 def build_codec(name: str, **kwargs) -> Codec:
