@@ -28,7 +28,7 @@ INPUTS = {3: (500, 375), 12: (1000, 750), 48: (2000, 1500), 96: (3000, 2000), 19
 REALESRGAN = """
 import sys, numpy as np, torch
 from PIL import Image
-from teasr_core.baselines import load_realesrgan, realesrgan_upscale
+from teasr_core.eval.baselines import load_realesrgan, realesrgan_upscale
 image = torch.from_numpy(np.asarray(Image.open(sys.argv[1]).convert("RGB"))).permute(2, 0, 1)[None].float() / 255
 out = realesrgan_upscale(load_realesrgan(), image)
 Image.fromarray(out[0].mul(255).round().byte().permute(1, 2, 0).numpy()).save(sys.argv[2])

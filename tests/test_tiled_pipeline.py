@@ -48,7 +48,7 @@ def local_dit(in_channels: int, seed: int = 0) -> DualBranchDiT:
 
 def photo(size: tuple[int, int]) -> torch.Tensor:
     path = shared_path("data", "RealSR_crop128", "lr", "Canon_004_LR4.png")
-    image = torch.from_numpy(np.asarray(Image.open(path).convert("RGB"))).permute(2, 0, 1)[None].float() / 255
+    image = torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1)[None].float() / 255
     return image[..., :size[0], :size[1]]
 
 
