@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from teasr_core.evaluate import format_table  # noqa: E402
+from teasr_core.eval.evaluate import format_table  # noqa: E402
 
 
 def main(paths: list[str]) -> None:

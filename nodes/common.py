@@ -17,7 +17,7 @@ import comfy.model_management as mm
 import comfy.utils
 
 from ..teasr_core.color import COLOR_FIX_METHODS
-from ..teasr_core.pipeline import UpscaleSettings, count_model_calls, resize_bicubic, upscale, upscale_settings
+from ..teasr_core.pipeline import UpscaleSettings, bicubic_rows, count_model_calls, upscale_into, upscale_settings
 from ..teasr_core.sampling import MAX_STEPS, MODES, sigmas_from_timesteps
 from .model import TEASRModel
 
@@ -114,7 +114,7 @@ def context_for(model: TEASRModel, conditioning, index: int) -> torch.Tensor | N
 
 
 def split_channels(image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, int]:
-    """IMAGE [B, H, W, C] -> (rgb [B, 3, H, W], alpha [B, 1, H, W] or None, colour channels 1 or 3)."""
+    """IMAGE [B, H, W, C] -> (rgb [B, 3, H, W], alpha [B, 1, H, W] or None, colour channels 1 or 3); the inverse is ImageCanvas."""
     if image.ndim != 4 or image.shape[-1] not in (1, 2, 3, 4):
         raise ValueError(f"expected an IMAGE [B, H, W, C] with C in 1..4, got shape {tuple(image.shape)}")
     planes = image.movedim(-1, 1).float()
@@ -124,15 +124,28 @@ def split_channels(image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | No
     return color.expand(-1, 3, -1, -1), alpha, color_channels
 
 
-def merge_channels(rgb: torch.Tensor, alpha: torch.Tensor | None, color_channels: int) -> torch.Tensor:
-    """Inverse of split_channels for the upscaled planes; back to IMAGE [B, H, W, C] on the intermediate device."""
-    color = rgb.mean(1, keepdim=True) if color_channels == 1 else rgb
-    planes = color if alpha is None else torch.cat([color, alpha.to(color.device)], 1)
-    return planes.movedim(1, -1).to(mm.intermediate_device(), torch.float32)
+class ImageCanvas:
+    """One image of a preallocated IMAGE [B, H, W, C] output, filled row band by row band (a pipeline.Canvas).
+
+    So the node holds its float32 output plus a bounded working set, never a second full-size copy.
+    """
+
+    def __init__(self, output: torch.Tensor, index: int, color_channels: int):
+        self.output, self.index, self.colors = output, index, color_channels
+
+    def convert(self, rgb: torch.Tensor) -> torch.Tensor:
+        return rgb.mean(1, keepdim=True) if self.colors == 1 else rgb
+
+    def write(self, y0: int, planes: torch.Tensor, first: int = 0) -> None:
+        rows = planes[0].movedim(0, -1).to(self.output)
+        self.output[self.index, y0:y0 + rows.shape[0], :, first:first + rows.shape[-1]] = rows
+
+    def read(self, y0: int, y1: int) -> torch.Tensor:
+        return self.output[self.index, y0:y1, :, :self.colors].movedim(-1, 0)[None].float()
 
 
 def upscale_images(model: TEASRModel, image: torch.Tensor, settings: UpscaleSettings, conditioning=None) -> torch.Tensor:
-    """Upscale every image of an IMAGE batch; one progress bar of steps x tiles x batch model calls.
+    """Upscale every image of an IMAGE batch into one preallocated IMAGE; one progress bar of steps x tiles x batch.
 
     Every call also checks ComfyUI's interrupt flag, so Cancel stops within one step of one tile.
     """
@@ -142,16 +155,17 @@ def upscale_images(model: TEASRModel, image: torch.Tensor, settings: UpscaleSett
     per_image = count_model_calls(upscaler, tuple(rgb.shape[-2:]), settings)
     total = per_image * rgb.shape[0]
     bar = comfy.utils.ProgressBar(total)
-    results = []
+    output = torch.empty(rgb.shape[0], *out_hw, image.shape[-1], dtype=torch.float32, device=mm.intermediate_device())
     for index in range(rgb.shape[0]):
         def progress(done: int, _total: int, first: int = index * per_image) -> None:
             mm.throw_exception_if_processing_interrupted()
             bar.update_absolute(first + done, total)
-        context = context_for(model, conditioning, index)
-        results.append(upscale(upscaler, rgb[index:index + 1], settings, context, progress).cpu())
-    out = torch.cat(results)
-    out_alpha = None if alpha is None else resize_bicubic(alpha, out.shape[-2:])
-    return merge_channels(out, out_alpha, color_channels)
+        canvas = ImageCanvas(output, index, color_channels)
+        upscale_into(upscaler, rgb[index:index + 1], canvas, settings, context_for(model, conditioning, index), progress)
+        if alpha is not None:
+            for y0, rows in bicubic_rows(alpha[index:index + 1], settings.scale):
+                canvas.write(y0, rows, first=color_channels)
+    return output
 
 
 def is_out_of_memory(error: BaseException) -> bool:

@@ -115,7 +115,13 @@ class ComfyVAECodec:
 
     The VAE's raw latents are normalised with the checkpoint's latent_mean / latent_std. Images are
     encoded one by one: video VAEs (Qwen-Image's is Wan's) would read a batch as frames.
+    Large images reach it as overlapping tiles blended with feathered weights (teasr_core.codecs
+    tiled_encode / tiled_decode), the pattern of ComfyUI's own tiled VAE calls and with their
+    overlap; per tile, ComfyUI's VAE.encode / decode load the VAE and fall back to its tiled
+    variants on out-of-memory.
     """
+
+    tile_margin, tile_overlap = 0, 16   # latent px; decode_tiled's default overlap for 2-D VAEs
 
     def __init__(self, vae, config: dict, expected_channels: int):
         self.vae = vae

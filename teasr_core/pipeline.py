@@ -2,23 +2,62 @@
 
 image -> bicubic to the target size -> codec.encode -> condition latent; noise (a function of
 position) -> any-step flow-map sampling, tiled or not -> codec.decode -> colour fix -> image.
+
+Every stage streams row bands (tiling.blend_rows / RowStream), so memory follows the tile and the
+image width, not the image: the reference is computed window by window from the small input, the
+sampler steps run as a wavefront of row bands (step i + 1 starts on a band once step i has
+finished the rows it reads), decoded rows are colour-fixed with the margin the wavelet reads and
+written into a `Canvas` (the caller's output: a float tensor, ComfyUI's IMAGE, the CLI's 8/16-bit
+array). Codecs with global statistics (TAEF2) or an external VAE hold their latent whole (1/6 of a
+float32 image or less); the pixel codec's latent, as large as the image, is never held whole.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Callable
+from typing import Callable, Iterator, Protocol
 
 import torch
 import torch.nn.functional as F
 
-from .codecs import Codec, PixelCodec, build_codec
-from .color import COLOR_FIX_METHODS, color_fix
+from .codecs import Codec, PixelCodec, build_codec, is_local, tiled_decode, tiled_encode
+from .color import COLOR_FIX_METHODS, WAVELET_RADIUS, adain_apply, wavelet_fix
 from .model import DualBranchDiT
 from .qwen_vae import CODEC_NAME as QWEN_VAE, load_vae_codec
-from .sampling import MODES, batch_noise, sample, shifted_sigmas, sigmas_from_timesteps
-from .tiling import Tile, plan_tiles, tiled_denoiser
+from .sampling import (MODES, NOISE_CELL, batch_sigma, noise_field, sampler_step, shifted_sigmas,
+                       sigmas_from_timesteps, step_target)
+from .tiling import Rows, RowStream, RunningMoments, Tile, blend_rows, gather, plan_tiles
 
 Progress = Callable[[int, int], None]  # (done, total) after every model call
+CODEC_TILE = 1024      # output px per side of a codec (encode / decode) tile
+ROW_BAND_PIXELS = 2 ** 20  # colour-fix band size: rows x output width (plus the wavelet margin)
+
+
+class Canvas(Protocol):
+    """Where the upscaled rows go: the caller's preallocated output (float tensor, IMAGE, 8/16-bit array).
+
+    `convert` maps RGB rows [B, 3, h, W] to the planes it stores ([B, P, h, W], e.g. one for grayscale);
+    `read` returns stored planes as floats in [0, 1] (adain's second pass rescales them in place).
+    """
+
+    def convert(self, rgb: torch.Tensor) -> torch.Tensor: ...
+    def write(self, y0: int, planes: torch.Tensor) -> None: ...
+    def read(self, y0: int, y1: int) -> torch.Tensor: ...
+
+
+class TensorCanvas:
+    """A float32 [B, 3, H, W] tensor: what `upscale` returns."""
+
+    def __init__(self, shape: tuple[int, ...], device):
+        self.image = torch.empty(shape, dtype=torch.float32, device=device)
+
+    def convert(self, rgb: torch.Tensor) -> torch.Tensor:
+        return rgb
+
+    def write(self, y0: int, planes: torch.Tensor) -> None:
+        self.image[..., y0:y0 + planes.shape[-2], :] = planes
+
+    def read(self, y0: int, y1: int) -> torch.Tensor:
+        return self.image[..., y0:y1, :]
 
 
 @dataclass(frozen=True)
@@ -117,13 +156,42 @@ def resize_bicubic(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return out.clamp(0, 1)
 
 
-def _pad_to(image: torch.Tensor, multiple: int) -> torch.Tensor:
-    h, w = image.shape[-2:]
-    ph, pw = -h % multiple, -w % multiple
-    if not (ph or pw):
-        return image
-    mode = "reflect" if ph < h and pw < w else "replicate"
-    return F.pad(image, (0, pw, 0, ph), mode=mode)
+def bicubic_rows(image: torch.Tensor, scale: int) -> Iterator[Rows]:
+    """The bicubic upscale of `image` [B, C, h, w] in row bands (e.g. an alpha channel next to the model's RGB)."""
+    reference = Reference(image, scale)
+    (h, w), band = reference.out_hw, max(1, ROW_BAND_PIXELS // reference.out_hw[1])
+    for y0 in range(0, h, band):
+        yield y0, reference.window(y0, min(y0 + band, h), 0, w)
+
+
+class Reference:
+    """The bicubic upscale of `image` [B, C, h, w], padded to `padded_hw`, computed window by window.
+
+    A window reads the input rows / columns it needs plus bicubic's 2-pixel support, so it equals
+    the same window of the whole upscale. Padding past the output size mirrors the upscale (reflect;
+    replicate when the padding is not smaller than the image), as the codec needs aligned sizes.
+    """
+
+    def __init__(self, image: torch.Tensor, scale: int, padded_hw: tuple[int, int] | None = None):
+        self.image, self.scale = image.float(), scale
+        self.out_hw = (image.shape[-2] * scale, image.shape[-1] * scale)
+        self.padded_hw = padded_hw or self.out_hw
+        pads = [p - o for p, o in zip(self.padded_hw, self.out_hw)]
+        self.reflect = all(pad < size for pad, size in zip(pads, self.out_hw))
+
+    def _sources(self, start: int, stop: int, size: int) -> torch.Tensor:
+        index = torch.arange(start, stop)
+        mirrored = 2 * (size - 1) - index if self.reflect else torch.full_like(index, size - 1)
+        return torch.where(index < size, index, mirrored)
+
+    def window(self, y0: int, y1: int, x0: int, x1: int) -> torch.Tensor:
+        rows, cols = self._sources(y0, y1, self.out_hw[0]), self._sources(x0, x1, self.out_hw[1])
+        s, (h, w) = self.scale, self.image.shape[-2:]
+        ly0, ly1 = max(0, int(rows.min()) // s - 2), min(h, int(rows.max()) // s + 3)
+        lx0, lx1 = max(0, int(cols.min()) // s - 2), min(w, int(cols.max()) // s + 3)
+        up = resize_bicubic(self.image[..., ly0:ly1, lx0:lx1], ((ly1 - ly0) * s, (lx1 - lx0) * s))
+        up = up.index_select(-2, (rows - ly0 * s).to(up.device))
+        return up.index_select(-1, (cols - lx0 * s).to(up.device))
 
 
 def plan_for(upscaler: Upscaler, latent_hw: tuple[int, int], settings: UpscaleSettings) -> tuple[list[Tile], int]:
@@ -145,7 +213,6 @@ def count_model_calls(upscaler: Upscaler, image_hw: tuple[int, int], settings: U
     return settings.model_calls * len(plan_for(upscaler, (lh, lw), settings)[0])
 
 
-@torch.no_grad()
 def upscale(upscaler: Upscaler, image: torch.Tensor, settings: UpscaleSettings = UpscaleSettings(),
             context: torch.Tensor | None = None, progress: Progress | None = None) -> torch.Tensor:
     """image [B, 3, h, w] in [0, 1] -> [B, 3, h * scale, w * scale] in [0, 1] (float32, on the model's device).
@@ -153,19 +220,34 @@ def upscale(upscaler: Upscaler, image: torch.Tensor, settings: UpscaleSettings =
     `context`: text features [1, T, D] for models with a text stream; default: the upscaler's.
     """
     validate_image(image)
+    canvas = TensorCanvas((image.shape[0], 3, image.shape[-2] * settings.scale, image.shape[-1] * settings.scale),
+                          upscaler.device)
+    upscale_into(upscaler, image, canvas, settings, context, progress)
+    return canvas.image
+
+
+@torch.no_grad()
+def upscale_into(upscaler: Upscaler, image: torch.Tensor, canvas: Canvas,
+                 settings: UpscaleSettings = UpscaleSettings(), context: torch.Tensor | None = None,
+                 progress: Progress | None = None) -> None:
+    """Upscale image [B, 3, h, w] in [0, 1] into `canvas`, row band by row band (see the module docstring);
+    `context` as in `upscale`."""
+    validate_image(image)
     context = upscaler.context if context is None else context
-    device, dtype = upscaler.device, upscaler.dit.compute_dtype
+    device, dtype, codec = upscaler.device, upscaler.dit.compute_dtype, upscaler.codec
     out_hw = (image.shape[-2] * settings.scale, image.shape[-1] * settings.scale)
-    reference = resize_bicubic(image.to(device), out_hw)
-    cond = upscaler.codec.encode(_pad_to(reference, upscaler.alignment)).to(dtype)
+    m = upscaler.alignment
+    padded_hw = (-(-out_hw[0] // m) * m, -(-out_hw[1] // m) * m)
+    latent_hw = (padded_hw[0] // codec.scale, padded_hw[1] // codec.scale)
+    reference = Reference(image.to(device), settings.scale, padded_hw)
+    codec_tile = max(1, min(settings.tile or CODEC_TILE, CODEC_TILE) // codec.scale)
+    condition = _condition(codec, reference, latent_hw, codec_tile, dtype)
+
     sigmas = settings.sigmas()
-
-    noise = batch_noise(settings.seed, 0, cond)
-    start = sigmas[0].item()
-    x = noise if start >= 1 else (1 - start) * cond + start * noise
-
-    tiles, overlap = plan_for(upscaler, cond.shape[-2:], settings)
+    tiles, overlap = plan_for(upscaler, latent_hw, settings)
     total, done = settings.model_calls * len(tiles), 0
+    batch, channels = image.shape[0], upscaler.dit.cfg.in_channels
+    ctx = None if context is None else context.to(device, dtype)
 
     def tick(*_):
         nonlocal done
@@ -173,19 +255,107 @@ def upscale(upscaler: Upscaler, image: torch.Tensor, settings: UpscaleSettings =
         if progress:
             progress(done, total)
 
-    def window_velocity(x_tile, sigma, target, tile: Tile):
-        window = (slice(None), slice(None), slice(tile.y0, tile.y0 + tile.h), slice(tile.x0, tile.x0 + tile.w))
-        ctx = None if context is None else context.to(device, dtype)
-        return upscaler.dit(x_tile, cond[window], sigma, target, ctx)
+    def noise(stream: int, y0: int, y1: int) -> torch.Tensor:
+        field = noise_field(settings.seed, stream, channels, y0, 0, y1 - y0, latent_hw[1], device, dtype)
+        return field.expand(batch, -1, -1, -1)
 
-    denoise = tiled_denoiser(window_velocity, tiles, *cond.shape[-2:], overlap, on_tile=tick)
-    latent = sample(denoise, x, sigmas, settings.mode,
-                    noise=lambda i: batch_noise(settings.seed, 1 + i, cond), stochasticity=settings.stochasticity)
-    if not torch.isfinite(latent).all():
-        raise FloatingPointError(f"the model produced NaN/inf values (compute dtype {dtype}); "
-                                 "retry in float32 or with another dtype")
-    result = upscaler.codec.decode(latent.float())[..., :out_hw[0], :out_hw[1]].clamp(0, 1)
-    return color_fix(result, reference, settings.color_fix)
+    def start_rows() -> Iterator[Rows]:
+        start = sigmas[0].item()
+        for y0 in range(0, latent_hw[0], NOISE_CELL):
+            y1 = min(y0 + NOISE_CELL, latent_hw[0])
+            x = noise(0, y0, y1)
+            yield y0, x if start >= 1 else (1 - start) * condition(Tile(y0, 0, y1 - y0, latent_hw[1])) + start * x
+
+    def step_rows(rows: Iterator[Rows], i: int) -> Iterator[Rows]:
+        """Step i of the sampler over a stream of latent rows: per-tile velocities, blended, then the update."""
+        stream, sigma, nxt = RowStream(rows), sigmas[i], sigmas[i + 1]
+        target = step_target(settings.mode, sigmas, i)
+
+        def velocity(tile: Tile) -> torch.Tensor:
+            x = stream.rows(tile.y0, tile.y0 + tile.h)[..., tile.x0:tile.x0 + tile.w]
+            return upscaler.dit(x, condition(tile), batch_sigma(sigma, x), batch_sigma(target, x), ctx)
+
+        for y0, v in blend_rows(tiles, velocity, overlap, on_tile=tick):
+            y1 = y0 + v.shape[-2]
+            x = stream.rows(y0, y1)
+            fresh = noise(1 + i, y0, y1) if settings.mode == "renoise" and nxt > 0 else None
+            yield y0, sampler_step(settings.mode, x, v.to(x.dtype), sigma, nxt, fresh, settings.stochasticity)
+            stream.release(y1)
+
+    rows = start_rows()
+    for i in range(len(sigmas) - 1):
+        rows = step_rows(rows, i)
+    pixels = _cropped(_decoded(codec, _finite(rows, dtype), codec_tile), out_hw)
+    if settings.color_fix == "wavelet":
+        pixels = _wavelet_fixed(pixels, reference)
+    _paint(canvas, pixels, reference if settings.color_fix == "adain" else None)
+
+
+def _condition(codec: Codec, reference: Reference, latent_hw: tuple[int, int], tile: int,
+               dtype: torch.dtype) -> Callable[[Tile], torch.Tensor]:
+    """The LR condition latent per window: encoded on demand for local codecs, else once, tile by tile."""
+    s = codec.scale
+    if is_local(codec):
+        return lambda t: codec.encode(reference.window(t.y0 * s, (t.y0 + t.h) * s, t.x0 * s,
+                                                       (t.x0 + t.w) * s)).to(dtype)
+    encode = getattr(codec, "encode_tiled", None) or (lambda *args: tiled_encode(codec, *args))
+    whole = encode(reference.window, latent_hw, tile).to(dtype)
+    return lambda t: whole[..., t.y0:t.y0 + t.h, t.x0:t.x0 + t.w]
+
+
+def _finite(rows: Iterator[Rows], dtype: torch.dtype) -> Iterator[Rows]:
+    for y0, latent in rows:
+        if not torch.isfinite(latent).all():
+            raise FloatingPointError(f"the model produced NaN/inf values (compute dtype {dtype}); "
+                                     "retry in float32 or with another dtype")
+        yield y0, latent
+
+
+def _decoded(codec: Codec, rows: Iterator[Rows], tile: int) -> Iterator[Rows]:
+    """Image rows of the final latent: row by row for local codecs, else tile by tile from the whole latent."""
+    if is_local(codec):
+        return ((y0 * codec.scale, codec.decode(latent.float())) for y0, latent in rows)
+    decode = getattr(codec, "decode_tiled", None) or (lambda *args: tiled_decode(codec, *args))
+    return decode(gather(rows).float(), tile)
+
+
+def _cropped(rows: Iterator[Rows], out_hw: tuple[int, int]) -> Iterator[Rows]:
+    """Drop the alignment padding (rows and columns past the output size); clamp to [0, 1]."""
+    for y0, image in rows:
+        if y0 < out_hw[0]:
+            yield y0, image[..., :out_hw[0] - y0, :out_hw[1]].float().clamp(0, 1)
+
+
+def _wavelet_fixed(rows: Iterator[Rows], reference: Reference) -> Iterator[Rows]:
+    """Wavelet colour fix in row bands, each computed with WAVELET_RADIUS rows of margin: equal to the whole-image fix."""
+    (h, w), r = reference.out_hw, WAVELET_RADIUS
+    stream, band = RowStream(rows), max(2 * r, ROW_BAND_PIXELS // w)
+    for y0 in range(0, h, band):
+        y1 = min(y0 + band, h)
+        lo, hi = max(0, y0 - r), min(h, y1 + r)
+        fixed = wavelet_fix(stream.rows(lo, hi), reference.window(lo, hi, 0, w))
+        yield y0, fixed[..., y0 - lo:y1 - lo, :].clamp(0, 1)
+        stream.release(y1 - r)
+
+
+def _paint(canvas: Canvas, rows: Iterator[Rows], adain_reference: Reference | None) -> None:
+    """Write the rows into the canvas; adain needs the whole image's moments, so it rescales in a second pass."""
+    image_moments, reference_moments = RunningMoments(), RunningMoments()
+    for y0, rgb in rows:
+        planes = canvas.convert(rgb)
+        canvas.write(y0, planes)
+        if adain_reference is not None:
+            y1, w = y0 + rgb.shape[-2], adain_reference.out_hw[1]
+            image_moments.add(planes)
+            reference_moments.add(canvas.convert(adain_reference.window(y0, y1, 0, w)))
+    if adain_reference is None:
+        return
+    moments = image_moments.moments(), reference_moments.moments()
+    h, w = adain_reference.out_hw
+    band = max(1, ROW_BAND_PIXELS // w)
+    for y0 in range(0, h, band):
+        y1 = min(y0 + band, h)
+        canvas.write(y0, adain_apply(canvas.read(y0, y1), *moments).clamp(0, 1))
 
 
 def upscale_settings(**kwargs) -> UpscaleSettings:

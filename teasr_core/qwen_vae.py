@@ -156,11 +156,17 @@ def import_comfy_sd():
 
 class QwenImageVAECodec:
     """TEASR's Codec on ComfyUI's Qwen-Image (Wan 2.1) VAE module, one frame per image; differentiable,
-    since the trainer's pixel losses back-propagate through `decode`."""
+    since the trainer's pixel losses back-propagate through `decode`.
+
+    Not local (its middle block attends over the whole image): the pipeline encodes and decodes it in
+    feathered, overlapping tiles, with the overlap of nodes.model.ComfyVAECodec, so the CLI's `--vae`
+    and the TEASR Loader's VAE input tile large images alike.
+    """
 
     name = CODEC_NAME
     channels = LATENT_CHANNELS
     scale = SCALE
+    tile_margin, tile_overlap = 0, 16   # latent px (teasr_core.codecs)
 
     def __init__(self, module: torch.nn.Module, config: dict, dtype: torch.dtype):
         self.module, self.config, self.dtype = module, config, dtype

@@ -84,70 +84,60 @@ def batch_noise(seed: int, stream: int, like: torch.Tensor) -> torch.Tensor:
 
 
 # ---- samplers -----------------------------------------------------------------------------------
-def _full(sigma: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+# A sampler is two small pure functions of the step: which jump to ask the network for
+# (`step_target`) and how to move x with the answer (`sampler_step`, elementwise). `sample` runs them
+# on a whole tensor; the pipeline runs the same two on row bands of a streamed latent.
+def batch_sigma(sigma: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return sigma.to(device=x.device, dtype=torch.float32).expand(x.shape[0])
 
 
 def flow_map_step(denoise: Denoise, x: torch.Tensor, sigma: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """One call of the flow map: x_target = x - (sigma - target) F(x, sigma, target)."""
-    return x - (sigma - target).to(x.dtype) * denoise(x, _full(sigma, x), _full(target, x))
+    return x - (sigma - target).to(x.dtype) * denoise(x, batch_sigma(sigma, x), batch_sigma(target, x))
 
 
-def sample_jump(denoise: Denoise, x: torch.Tensor, sigmas: torch.Tensor,
-                callback: StepCallback | None = None) -> torch.Tensor:
-    """Deterministic: every step predicts the jump to 0, then takes an Euler step to the next sigma."""
-    zero = torch.zeros(())
-    for i in range(len(sigmas) - 1):
-        velocity = denoise(x, _full(sigmas[i], x), _full(zero, x))
-        x = x + (sigmas[i + 1] - sigmas[i]).to(x.dtype) * velocity
-        if callback:
-            callback(i, x)
-    return x
-
-
-def sample_flowmap(denoise: Denoise, x: torch.Tensor, sigmas: torch.Tensor,
-                   callback: StepCallback | None = None) -> torch.Tensor:
-    """Deterministic: every step jumps straight to the next sigma with the flow map."""
-    for i in range(len(sigmas) - 1):
-        x = flow_map_step(denoise, x, sigmas[i], sigmas[i + 1])
-        if callback:
-            callback(i, x)
-    return x
-
-
-def sample_renoise(denoise: Denoise, x: torch.Tensor, sigmas: torch.Tensor,
-                   noise: Callable[[int], torch.Tensor], stochasticity: float = 1.0,
-                   callback: StepCallback | None = None) -> torch.Tensor:
-    """TwinFlow-style: predict (x0, eps) with a jump to 0, then re-noise to the next sigma.
-
-    The new noise mixes the predicted eps and fresh noise(i): sqrt(1 - s) eps_hat + sqrt(s) n.
-    """
+def check_mode(mode: str, stochasticity: float = 1.0) -> None:
+    if mode not in MODES:
+        raise ValueError(f"unknown sampler mode {mode!r}; choose one of {MODES}")
     if not 0 <= stochasticity <= 1:
         raise ValueError(f"stochasticity must be in [0, 1], got {stochasticity}")
-    zero = torch.zeros(())
-    for i in range(len(sigmas) - 1):
-        sigma, nxt = sigmas[i].to(x.dtype), sigmas[i + 1].to(x.dtype)
-        velocity = denoise(x, _full(sigmas[i], x), _full(zero, x))
-        x0 = x - sigma * velocity
-        eps = x + (1 - sigma) * velocity
-        if nxt > 0:
-            eps = (1 - stochasticity) ** 0.5 * eps + stochasticity ** 0.5 * noise(i)
-        x = (1 - nxt) * x0 + nxt * eps
-        if callback:
-            callback(i, x)
-    return x
+
+
+def step_target(mode: str, sigmas: torch.Tensor, i: int) -> torch.Tensor:
+    """The time step i asks the network to jump to: the next sigma (flowmap) or 0 (jump, renoise)."""
+    return sigmas[i + 1] if mode == "flowmap" else torch.zeros(())
+
+
+def sampler_step(mode: str, x: torch.Tensor, velocity: torch.Tensor, sigma: torch.Tensor, nxt: torch.Tensor,
+                 fresh_noise: torch.Tensor | None = None, stochasticity: float = 1.0) -> torch.Tensor:
+    """x at `nxt` from x at `sigma` and the network's average velocity towards `step_target`.
+
+    jump: predict the jump to 0, then an Euler step to the next sigma (deterministic).
+    flowmap: the velocity already targets the next sigma, so the same formula lands on it exactly.
+    renoise (TwinFlow-style): predict (x0, eps) with a jump to 0, then re-noise to the next sigma
+    with sqrt(1 - s) eps_hat + sqrt(s) fresh_noise.
+    """
+    if mode != "renoise":
+        return x + (nxt - sigma).to(x.dtype) * velocity
+    sigma, nxt = sigma.to(x.dtype), nxt.to(x.dtype)
+    x0 = x - sigma * velocity
+    eps = x + (1 - sigma) * velocity
+    if nxt > 0:
+        eps = (1 - stochasticity) ** 0.5 * eps + stochasticity ** 0.5 * fresh_noise
+    return (1 - nxt) * x0 + nxt * eps
 
 
 def sample(denoise: Denoise, x: torch.Tensor, sigmas: torch.Tensor, mode: str = "jump", *,
            noise: Callable[[int], torch.Tensor] | None = None, stochasticity: float = 1.0,
            callback: StepCallback | None = None) -> torch.Tensor:
-    """Dispatch on the sampler `mode` (one of MODES); x starts at sigmas[0]."""
-    if mode == "jump":
-        return sample_jump(denoise, x, sigmas, callback)
-    if mode == "flowmap":
-        return sample_flowmap(denoise, x, sigmas, callback)
-    if mode == "renoise":
-        if noise is None:
-            raise ValueError("mode 'renoise' needs a noise(step) function")
-        return sample_renoise(denoise, x, sigmas, noise, stochasticity, callback)
-    raise ValueError(f"unknown sampler mode {mode!r}; choose one of {MODES}")
+    """Run the sampler `mode` (one of MODES) from x at sigmas[0] to sigmas[-1]; renoise needs noise(step)."""
+    check_mode(mode, stochasticity)
+    if mode == "renoise" and noise is None:
+        raise ValueError("mode 'renoise' needs a noise(step) function")
+    for i in range(len(sigmas) - 1):
+        velocity = denoise(x, batch_sigma(sigmas[i], x), batch_sigma(step_target(mode, sigmas, i), x))
+        fresh = noise(i) if mode == "renoise" and sigmas[i + 1] > 0 else None
+        x = sampler_step(mode, x, velocity, sigmas[i], sigmas[i + 1], fresh, stochasticity)
+        if callback:
+            callback(i, x)
+    return x

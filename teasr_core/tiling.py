@@ -1,20 +1,20 @@
-"""Latent-space tiling: a tile plan, cosine feathering on interior edges, and a tiled denoiser.
+"""Tiling: tile plans, cosine feathering on interior edges, and row streaming of blended tiles.
 
-Tiling wraps the denoiser, not the sampler: at every step each tile's velocity is computed on its
-own window (with the LR condition cropped alike) and the tiles are blended with feathered weights.
-Because the update is linear in the velocity, this equals blending the next latents, and all tiles
-stay on one shared trajectory (MultiDiffusion-style), so overlaps agree step after step. Noise is a
-function of position (sampling.noise_field), so the result does not depend on tile order or size.
+Every stage of an upscale that touches the full image works on tiles in raster order. `blend_rows`
+computes one row of tiles at a time, blends overlaps with feathered weights and hands on the rows
+that no later tile touches, so a stage holds about one row of tiles, never the whole image; the
+next stage reads them through a `RowStream`, which keeps only the rows it still needs. The sampler
+uses it per step on velocities: the update is linear in the velocity, so blending velocities equals
+blending the next latents, and all tiles stay on one shared trajectory (MultiDiffusion-style). Noise
+is a function of position (sampling.noise_field), so results do not depend on tile order or size.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterable, Iterator
 
 import torch
-
-from .sampling import Denoise
 
 
 @dataclass(frozen=True)
@@ -73,26 +73,92 @@ def feather(tile: Tile, h: int, w: int, overlap: int) -> torch.Tensor:
     return (wy[:, None] * wx[None, :]).float()
 
 
-def tiled_denoiser(denoise_window: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Tile], torch.Tensor],
-                   tiles: list[Tile], h: int, w: int, overlap: int,
-                   on_tile: Callable[[int, Tile], None] | None = None) -> Denoise:
-    """A Denoise over the whole latent that evaluates `denoise_window(x_tile, sigma, target, tile)` per tile.
+Rows = tuple[int, torch.Tensor]   # (first row, rows [B, C, h, W]) of a streamed image or latent
 
-    `on_tile(index, tile)` runs after each tile: progress bars and interrupt checks hook in there.
+
+def blend_rows(tiles: list[Tile], compute: Callable[[Tile], torch.Tensor], overlap: int, scale: int = 1,
+               on_tile: Callable[[int, Tile], None] | None = None) -> Iterator[Rows]:
+    """Feather-blend `compute(tile)` over a raster-ordered tile plan, yielding finished rows as they complete.
+
+    Tiles are in input units; `compute` returns [B, C, tile.h * scale, tile.w * scale] (scale 8 for a
+    codec's decode) and the feather spans overlap * scale output rows / columns. Rows are handed on
+    (float32) once the tile row that finishes them is done, before the next tile row is computed.
     """
-    weights = [feather(t, h, w, overlap) for t in tiles]
-
-    def denoise(x: torch.Tensor, sigma: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        total = torch.zeros_like(x, dtype=torch.float32)
-        norm = torch.zeros(h, w, device=x.device)
-        for i, (tile, weight) in enumerate(zip(tiles, weights)):
-            window = (slice(None), slice(None), slice(tile.y0, tile.y0 + tile.h), slice(tile.x0, tile.x0 + tile.w))
-            velocity = denoise_window(x[window], sigma, target, tile)
-            weight = weight.to(x.device)
-            total[window] += velocity.float() * weight
-            norm[window[2:]] += weight
+    h, w = max(t.y0 + t.h for t in tiles), max(t.x0 + t.w for t in tiles)
+    starts = sorted({t.y0 for t in tiles})
+    total = norm = None
+    top = 0                                   # output row of total[..., 0, :]
+    index = 0
+    for k, y0 in enumerate(starts):
+        while index < len(tiles) and tiles[index].y0 == y0:
+            tile = tiles[index]
+            out = compute(tile).float()
+            weight = feather(Tile(tile.y0 * scale, tile.x0 * scale, tile.h * scale, tile.w * scale),
+                             h * scale, w * scale, overlap * scale).to(out.device)
+            bottom = (tile.y0 + tile.h) * scale
+            if total is None:
+                total = out.new_zeros(*out.shape[:2], 0, w * scale)
+                norm = out.new_zeros(0, w * scale)
+            if bottom - top > total.shape[-2]:
+                grow = bottom - top - total.shape[-2]
+                total = torch.cat([total, total.new_zeros(*total.shape[:2], grow, total.shape[-1])], -2)
+                norm = torch.cat([norm, norm.new_zeros(grow, norm.shape[-1])])
+            rows = slice(tile.y0 * scale - top, bottom - top)
+            cols = slice(tile.x0 * scale, (tile.x0 + tile.w) * scale)
+            total[..., rows, cols] += out * weight
+            norm[rows, cols] += weight
             if on_tile:
-                on_tile(i, tile)
-        return (total / norm).to(x.dtype)
+                on_tile(index, tile)
+            index += 1
+        done = (starts[k + 1] if k + 1 < len(starts) else h) * scale - top
+        yield top, total[..., :done, :] / norm[:done]
+        total, norm, top = total[..., done:, :], norm[done:], top + done
 
-    return denoise
+
+def gather(rows: Iterable[Rows]) -> torch.Tensor:
+    """The whole tensor of a row stream (for stages that need global statistics, e.g. TAEF2's norms)."""
+    return torch.cat([chunk for _, chunk in rows], -2)
+
+
+class RunningMoments:
+    """channel_moments of an image seen one row band at a time (float64 sums), for tiled adain, TAEF2's global norms."""
+
+    def __init__(self):
+        self.count, self.total, self.squares = 0, 0.0, 0.0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.double()
+        self.count += x.shape[-2] * x.shape[-1]
+        self.total = self.total + x.sum((2, 3), keepdim=True)
+        self.squares = self.squares + (x * x).sum((2, 3), keepdim=True)
+
+    def moments(self) -> tuple[torch.Tensor, torch.Tensor]:
+        mean = self.total / self.count
+        return mean.float(), (self.squares / self.count - mean * mean).clamp_min(0).sqrt().float()
+
+
+class RowStream:
+    """Random access to the rows of a stream still needed: pulls chunks on demand, drops released rows."""
+
+    def __init__(self, rows: Iterable[Rows]):
+        self._source = iter(rows)
+        self._chunks: list[Rows] = []
+        self._end = 0
+
+    def rows(self, y0: int, y1: int) -> torch.Tensor:
+        """Rows [y0, y1) (y1 clipped to the stream's end); y0 must not be released yet."""
+        while self._end < y1:
+            chunk = next(self._source, None)
+            if chunk is None:
+                break
+            self._chunks.append(chunk)
+            self._end = chunk[0] + chunk[1].shape[-2]
+        parts = [c[..., max(y0 - s, 0):max(min(y1 - s, c.shape[-2]), 0), :]
+                 for s, c in self._chunks if s < y1 and s + c.shape[-2] > y0]
+        if not parts or self._chunks[0][0] > y0:
+            raise IndexError(f"rows {y0}..{y1} are not in the stream (released, or past its end)")
+        return parts[0] if len(parts) == 1 else torch.cat(parts, -2)
+
+    def release(self, y: int) -> None:
+        """Rows above y are no longer needed."""
+        self._chunks = [c for c in self._chunks if c[0] + c[1].shape[-2] > y]

@@ -22,8 +22,17 @@ import aiohttp
 import numpy as np
 from PIL import Image
 
+from conftest import REPO
+
 BOOT_TIMEOUT_S = 300
 PACK_NAME = "teasr"
+NODE_IDS = ("TEASRLoader", "TEASRAnyStepSampler", "TEASRTiledUpscale", "TEASRSaveTextFeatures")
+WORKFLOWS = sorted(p.stem for p in (REPO / "workflows" / "api").glob("*.json"))
+# Workflows that need the user's Qwen-Image files, by the inputs naming them. Among them is Qwen-Image's
+# 7B-parameter text encoder (CLIPLoader), which no test makes (even with random weights it is gigabytes
+# and minutes on a CPU), so no test server runs them: it must reject them for those of these inputs it checks.
+MODEL_FILES = {"teasr_qwen_image_text_features": {"clip_name"},
+               "teasr_qwen_image_upscale": {"clip_name", "vae_name", "checkpoint", "base_model"}}
 DONE = ("execution_success", "execution_error", "execution_interrupted")
 
 
@@ -42,7 +51,8 @@ class ComfyServer:
     comfy_dir: Path
     repo: Path
     base: Path
-    node_ids: tuple[str, ...]
+    node_ids: tuple[str, ...] = NODE_IDS
+    front_end_root: Path | None = None      # the web UI to serve; None: no UI (an empty folder), API only
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen | None = None
     boot_seconds: float = 0.0
@@ -59,11 +69,13 @@ class ComfyServer:
         return self.log_path.read_text(errors="replace")[-chars:] if self.log_path.exists() else "(no log)"
 
     def start(self) -> "ComfyServer":
+        if not (self.comfy_dir / "main.py").is_file():
+            raise ServerError(f"ComfyUI runtime not found at {self.comfy_dir}: run `bash scripts/setup.sh test`")
         (self.base / "custom_nodes").mkdir(parents=True, exist_ok=True)
         (self.base / "custom_nodes" / PACK_NAME).symlink_to(self.repo, target_is_directory=True)
         cmd = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
                "--disable-auto-launch", "--base-directory", str(self.base), "--database-url", "sqlite:///:memory:",
-               "--disable-api-nodes", "--front-end-root", str(self.base)]
+               "--disable-api-nodes", "--front-end-root", str(self.front_end_root or self.base)]
         t0 = time.perf_counter()
         with open(self.log_path, "w") as log:
             self.proc = subprocess.Popen(cmd, cwd=self.comfy_dir, stdout=log, stderr=subprocess.STDOUT,
@@ -221,44 +233,14 @@ class Client:
 
 
 # ---- workflows ---------------------------------------------------------------------------------------
-def combo_options(spec: list) -> list | None:
-    """Options of a combo input in /object_info: V1 `[[...], {...}]` or V3 `["COMBO", {"options": [...]}]`."""
-    if isinstance(spec[0], list):
-        return spec[0]
-    return spec[1].get("options") if spec[0] == "COMBO" else None
+def load_api(name: str) -> dict:
+    """A shipped API-format workflow, workflows/api/<name>.json."""
+    return json.loads((REPO / "workflows" / "api" / f"{name}.json").read_text())
 
 
-def ui_to_api(ui: dict, object_info: dict) -> dict:
-    """The API graph a UI-format workflow exports to: links become [node, slot], widgets become literals.
-
-    widgets_values are positional over the widget inputs (required, then optional, in /object_info's
-    input_order), with the frontend's control_after_generate companion value after such inputs.
-    """
-    links = {link[0]: link for link in ui["links"]}
-    graph = {}
-    for node in ui["nodes"]:
-        info = object_info[node["type"]]
-        inputs = {}
-        for socket in node.get("inputs", []):
-            if socket.get("link") is not None:
-                _, source, slot, *_ = links[socket["link"]]
-                inputs[socket["name"]] = [str(source), slot]
-        values = iter(node.get("widgets_values", []))
-        for group in ("required", "optional"):
-            for name in info["input_order"].get(group, []):
-                spec = info["input"][group][name]
-                if spec[0] not in ("INT", "FLOAT", "STRING", "BOOLEAN") and combo_options(spec) is None:
-                    continue                      # a socket-only input (IMAGE, MODEL, ...)
-                value = next(values)              # a widget turned into a linked socket keeps its slot
-                inputs.setdefault(name, value)
-                if spec[1].get("control_after_generate"):
-                    next(values)
-        graph[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
-    return graph
-
-
-def strip_meta(graph: dict) -> dict:
-    return {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in graph.items()}
+def panels(output: np.ndarray, width: int) -> list[np.ndarray]:
+    """A horizontally stitched output split back into its panels."""
+    return [output[:, i:i + width] for i in range(0, output.shape[1], width)]
 
 
 def with_input(graph: dict, class_type: str, **inputs) -> dict:

@@ -19,6 +19,19 @@ COMFYUI_DIR = Path(os.environ.get("TEASR_COMFYUI_DIR", REPO / ".cache" / "comfyu
 PACK = "teasr_pack"   # the name the in-process tests import the pack under
 
 
+# Relative L2 error allowed between the outputs of two module instances with bit-identical weights.
+# Their outputs need not be bit-identical: CPU kernels may round differently for tensors at other
+# addresses or with other strides (seen on an AMD Zen 5: 8e-6 absolute, 6e-7 relative). Zeroing any one
+# tensor that reaches a tiny test model's output moves it by 1e-3 to 0.2 (relative), far above this.
+ROUND_OFF = 1e-5
+
+
+def assert_close_rel(got: torch.Tensor, want: torch.Tensor, tol: float = ROUND_OFF) -> None:
+    """Relative L2 error of `got` against `want` below `tol`."""
+    err = ((got.double() - want.double()).norm() / want.double().norm()).item()
+    assert err < tol, f"relative L2 error {err:.2e} (tolerance {tol:.0e})"
+
+
 def shared_path(*parts: str) -> Path:
     """A path under ../shared; skips the test when the shared folder is absent (a user's machine)."""
     if not SHARED.is_dir():

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from teasr_core import baselines, weights
+from teasr_core.eval import baselines, weights
 
 SHARED = Path(os.environ.get("TEASR_SHARED", Path(__file__).resolve().parents[1].parent / "shared"))
 REALSR = SHARED / "data" / "RealSR_crop128"
@@ -35,7 +35,7 @@ def ncnn_files():
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    """The converter as `weights.prepare` runs it, into a temp cache, then `load_realesrgan` from there."""
+    """The converter as `prepare.prepare` runs it, into a temp cache, then `load_realesrgan` from there."""
     packages = _archive().parent
     out_dir = tmp_path_factory.mktemp("weights")
     baselines.CONVERTERS[baselines.REALESRGAN_FILE](packages, out_dir / baselines.REALESRGAN_FILE)

@@ -17,6 +17,8 @@ from teasr_core.checkpoint import (CheckpointError, infer_qwen_image_config, loa
 from teasr_core.lora import FP8
 from teasr_core.model import DualBranchDiT, preset
 
+from conftest import assert_close_rel
+
 CODEC = {"name": "pixel", "scale": 4}          # 48 channels: the tiny preset's
 # Qwen-shaped tiny model; rope_axes = what shape inference gives for 32-dim heads
 QWEN_CFG = preset("tiny", in_channels=16, context_dim=40, rope_axes=(4, 14, 14))
@@ -40,8 +42,10 @@ def run(model: DualBranchDiT, seed: int = 0) -> torch.Tensor:
         return model(x, cond, torch.tensor([0.7]), torch.tensor([-0.2]), context)
 
 
-def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
-    return ((got.float() - want.float()).norm() / want.float().norm()).item()
+def assert_same_weights(got: torch.nn.Module, want: dict[str, torch.Tensor]) -> None:
+    """Every tensor of `want` is in `got`'s state dict, bit for bit."""
+    state = got.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in want.items())
 
 
 def trained_tiny(**overrides) -> DualBranchDiT:
@@ -77,9 +81,9 @@ def test_full_round_trip_is_bit_exact_with_uneven_lora_ranks(tmp_path):
     for (name, a), (_, b) in zip(dit.named_modules(), loaded.dit.named_modules()):
         assert getattr(a, "ranks", None) == getattr(b, "ranks", None), name
         assert getattr(a, "alphas", None) == getattr(b, "alphas", None), name
-    want, got = dit.state_dict(), loaded.dit.state_dict()
-    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
-    assert torch.equal(run(loaded.dit), run(dit))
+    assert loaded.dit.state_dict().keys() == dit.state_dict().keys()
+    assert_same_weights(loaded.dit, dit.state_dict())
+    assert_close_rel(run(loaded.dit), run(dit))
 
 
 def test_fp16_file_is_half_the_size_and_loads_within_fp16_tolerance(tmp_path):
@@ -91,7 +95,7 @@ def test_fp16_file_is_half_the_size_and_loads_within_fp16_tolerance(tmp_path):
     as_stored = load_checkpoint(half).dit
     assert {p.dtype for p in as_stored.parameters()} == {torch.float16}
     upcast = load_checkpoint(half, dtype=torch.float32).dit
-    assert rel_err(run(upcast), run(dit)) < 5e-3
+    assert_close_rel(run(upcast), run(dit), 5e-3)
 
 
 def test_lora_delta_on_a_full_base_equals_the_full_model(tmp_path):
@@ -113,7 +117,8 @@ def test_lora_delta_on_a_full_base_equals_the_full_model(tmp_path):
         load_checkpoint(delta)
     loaded = load_checkpoint(delta, base=base_path)
     assert loaded.dit.transformer_blocks[1].img_mod[1].ranks == (6, 0)
-    assert torch.equal(run(loaded.dit), run(trained))
+    assert_same_weights(loaded.dit, trained.state_dict())
+    assert_close_rel(run(loaded.dit), run(trained))
 
 
 def test_fp8_load_option_and_fp8_files(tmp_path):
@@ -121,7 +126,7 @@ def test_fp8_load_option_and_fp8_files(tmp_path):
     path = save_checkpoint(tmp_path / "m.safetensors", dit, CODEC)
     fp8 = load_checkpoint(path, fp8=True).dit
     assert fp8.transformer_blocks[0].attn.to_k.weight.dtype == FP8
-    assert rel_err(run(fp8), run(dit)) < 0.05
+    assert_close_rel(run(fp8), run(dit), 0.05)
 
     # an fp8 model saved with dtype=bf16: fp8 weights and their fp32 scales stay as they are
     fp8_path = save_checkpoint(tmp_path / "fp8.safetensors", fp8, CODEC, dtype=torch.bfloat16)
@@ -133,7 +138,7 @@ def test_fp8_load_option_and_fp8_files(tmp_path):
     assert reloaded.transformer_blocks[0].attn.to_k.weight.dtype == FP8
     assert torch.equal(reloaded.transformer_blocks[0].attn.to_k.weight_scale,
                        fp8.transformer_blocks[0].attn.to_k.weight_scale)
-    assert rel_err(run(reloaded), run(fp8)) < 2e-2
+    assert_close_rel(run(reloaded), run(fp8), 2e-2)
 
 
 def test_save_is_atomic(tmp_path, monkeypatch):
@@ -159,8 +164,7 @@ def test_shared_and_strided_tensors_are_saved(tmp_path):
         embedder = dit.time_text_embed_2.timestep_embedder
         embedder.linear_2.weight = torch.nn.Parameter(dit.time_text_embed.timestep_embedder.linear_2.weight.t())
     path = save_checkpoint(tmp_path / "m.safetensors", dit, CODEC)
-    want, got = dit.state_dict(), load_checkpoint(path).dit.state_dict()
-    assert all(torch.equal(want[k], got[k]) for k in want)
+    assert_same_weights(load_checkpoint(path).dit, dit.state_dict())
 
 
 def test_codec_must_fit_the_model(tmp_path):
@@ -241,12 +245,13 @@ def test_qwen_image_layouts_load_with_inferred_config(tmp_path, layout):
         to_q = dit.transformer_blocks[0].attn.to_q
         assert to_q.weight.dtype == FP8 and to_q.weight_scale.shape == (to_q.out_features,)
         assert torch.all(to_q.weight_scale == to_q.weight_scale[0])
-        assert rel_err(run(dit), run(source)) < 0.15          # fp8 rounding through a random model
+        assert_close_rel(run(dit), run(source), 0.15)          # fp8 rounding through a random model
         source.load_state_dict(dequantized(scaled_fp8(state)), strict=False)
         source.time_text_embed_2.load_state_dict(source.time_text_embed.state_dict())
-        assert rel_err(run(dit), run(source)) < 1e-5          # exact up to float round-off
+        assert_close_rel(run(dit), run(source))                # exact up to float round-off
     else:
-        assert torch.equal(run(dit), run(source))
+        assert_same_weights(dit, state)
+        assert_close_rel(run(dit), run(source))
 
 
 def test_qwen_image_base_with_lora_config_starts_as_the_base(tmp_path):
@@ -257,7 +262,8 @@ def test_qwen_image_base_with_lora_config_starts_as_the_base(tmp_path):
     assert to_v.lora_noise_A.shape == (4, to_v.in_features) and to_v.lora_cond_B.shape == (to_v.out_features, 2)
     assert torch.count_nonzero(to_v.lora_noise_B) == 0 and torch.count_nonzero(to_v.lora_noise_A) > 0
     assert to_v.lora_noise_A.requires_grad and not to_v.weight.requires_grad
-    assert torch.equal(run(dit), run(source))
+    assert_same_weights(dit, state)
+    assert_close_rel(run(dit), run(source))
 
 
 def test_lora_delta_on_a_qwen_image_base(tmp_path):
@@ -270,7 +276,8 @@ def test_lora_delta_on_a_qwen_image_base(tmp_path):
                             "latent_mean": [0.0] * 16, "latent_std": [1.0] * 16}, lora_only=True)
     loaded = load_checkpoint(delta, base=base)
     assert loaded.codec["vae"] == "qwen-image"
-    assert torch.equal(run(loaded.dit), run(trained))
+    assert_same_weights(loaded.dit, trained.state_dict())
+    assert_close_rel(run(loaded.dit), run(trained))
 
 
 # ---- refusals and error messages ----------------------------------------------------------------

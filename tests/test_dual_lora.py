@@ -16,7 +16,8 @@ import torch
 from teasr_core.__main__ import main
 from teasr_core.checkpoint import CheckpointError, load_checkpoint, load_qwen_image_base, read_metadata
 from teasr_core.lora import dual_lora_layers
-from test_checkpoint import QWEN_CFG, qwen_source, randomize, rel_err, run, write_qwen
+from conftest import assert_close_rel
+from test_checkpoint import QWEN_CFG, qwen_source, randomize, run, write_qwen
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +73,7 @@ def test_imported_model_equals_the_model_built_directly(tmp_path, base, alphas, 
     imported = load_checkpoint(out, base=base).dit
     to_q = imported.transformer_blocks[0].attn.to_q
     assert to_q.ranks == ((0, 3) if alphas else (4, 3))     # alpha 0: the branch's LoRA is dropped
-    assert rel_err(run(imported), run(model)) < 1e-5
+    assert_close_rel(run(imported), run(model))
 
 
 def test_loader_takes_the_authors_file_directly(tmp_path, base):
@@ -81,7 +82,7 @@ def test_loader_takes_the_authors_file_directly(tmp_path, base):
                         leaves=("timestep_embedder.linear_1", "timestep_embedder.linear_2"))
     direct = load_checkpoint(lora, base=base)
     assert direct.codec["name"] == "qwen-image-vae"
-    assert rel_err(run(direct.dit), run(model)) < 1e-5
+    assert_close_rel(run(direct.dit), run(model))
     with pytest.raises(CheckpointError, match="dual-LoRA file.*base"):
         load_checkpoint(lora)
 
@@ -92,14 +93,14 @@ def test_second_embedder_under_a_given_prefix_or_copied_from_the_base(tmp_path, 
     out = tmp_path / "custom_teasr.safetensors"
     assert main(["import-lora", str(lora), "--base", str(base), "--out", str(out),
                  "--embedder-prefix", "cond_t_embedder"]) == 0
-    assert rel_err(run(load_checkpoint(out, base=base).dit), run(model)) < 1e-5
+    assert_close_rel(run(load_checkpoint(out, base=base).dit), run(model))
 
     without = authors_file(tmp_path / "no_embedder.safetensors", model,
                            edit=lambda t: [t.pop(k) for k in list(t) if "t_embedder_2" in k])
     with torch.no_grad():   # the precursor's rule: a missing second embedder starts as a copy of the first
         model.time_text_embed_2.load_state_dict(model.time_text_embed.state_dict())
     imported = load_checkpoint(without, base=base).dit
-    assert rel_err(run(imported), run(model)) < 1e-5
+    assert_close_rel(run(imported), run(model))
 
 
 def test_missing_and_extra_keys_are_named(tmp_path, base, capsys):

@@ -2,17 +2,20 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from teasr_core.__main__ import main
-from teasr_core.evaluate import pair_files
+from teasr_core.eval.evaluate import pair_files
+from teasr_core.eval.metrics import psnr_y
+from teasr_core.eval.prepare import CONVERTERS, prepare
+from teasr_core.eval.weights import WEIGHTS_DIR
 from teasr_core.imageio import read_image
-from teasr_core.metrics import psnr_y
 
-from conftest import shared_path
-
+from conftest import REPO, shared_path
 
 
 def test_eval_writes_per_image_and_mean_scores(tmp_path, tiny_ckpt):
@@ -45,3 +48,18 @@ def test_unpaired_lr_is_reported(tmp_path):
     Image.new("RGB", (8, 8)).save(tmp_path / "lr" / "a.png")
     with pytest.raises(FileNotFoundError, match="a.png"):
         pair_files(tmp_path / "lr", tmp_path / "hr")
+
+
+def test_the_upscale_path_never_imports_the_evaluation_tools():
+    """teasr_core/eval/ is tooling: the CLI, the pipeline and the node pack's core imports stay without it."""
+    probe = ("import sys, teasr_core.__main__, teasr_core.pipeline, teasr_core.checkpoint, teasr_core.taef2; "
+             "print(sorted(m for m in sys.modules if m.startswith('teasr_core.eval')))")
+    done = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
+
+
+def test_prepare_keeps_converted_weights(tmp_path):
+    """Set-up's `python -m teasr_core.eval.prepare` is idempotent: present files are not converted again."""
+    for name in CONVERTERS:
+        (tmp_path / name).symlink_to(WEIGHTS_DIR / name)
+    assert prepare(tmp_path / "no-packages-needed", tmp_path) == []

@@ -28,7 +28,7 @@ def test_smoke_runs_every_step_and_prints_the_rows(tmp_path):
     assert [r["objective"] for r in steps["train_step"]["results"]] == ["teasr"]
     assert [r["objective"] for r in steps["teasr_vs_tadsr"]["results"]] == ["teasr", "tadsr"]
     assert [r["output"] for r in steps["upscale"]["results"]] == [32, 64]
-    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ")][2:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ")][1:]   # after the header
     assert len(rows) == len(gpu_suite.STEPS) and all(f"cpu, {report['date']}" in row for row in rows)
     assert "ComfyUI / ours = " in rows[0] and "memory TEASR / TAD-SR = " in rows[3]
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from teasr_core import metrics, weights
+from teasr_core.eval import metrics, weights
 
 SHARED = Path(os.environ.get("TEASR_SHARED", Path(__file__).resolve().parents[1].parent / "shared"))
 DATA = SHARED / "data"

@@ -55,8 +55,10 @@ def test_batches_resume_exactly_and_cover_every_pair_per_epoch(cache):
     resumed.load_state_dict(state)
     got = next(resumed)
     assert all(torch.equal(got[k], expected[k]) for k in ("lr", "hr", "x0", "cond"))
-    with pytest.raises(ValueError, match="holds 8 pairs"):
+    with pytest.warns(UserWarning, match="hold 8 pairs"):
         CachedPairs(cache, batch_size=4, shards=1).load_state_dict(state)
+    pooled = CachedPairs([cache, cache], batch_size=4, shards=1)
+    assert len(pooled) == 16 and torch.equal(pooled.tensors["hr"][:8], pooled.tensors["hr"][8:])
 
 
 def test_trainer_reads_the_cached_latents(cache, tmp_path, caplog):

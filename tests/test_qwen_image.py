@@ -21,6 +21,7 @@ from PIL import Image
 from conftest import shared_path
 from teasr_core.__main__ import main as cli
 from teasr_core.checkpoint import _is_delta_key, read_metadata
+from teasr_core.codecs import is_local
 from teasr_core.model import DualBranchDiT, preset
 from teasr_core.qwen_vae import LATENT_MEAN, LATENT_STD, VAEMismatch, fingerprint, load_vae_codec, read_state_dict
 from test_checkpoint import randomize
@@ -79,6 +80,7 @@ def test_both_vae_layouts_run_on_comfyui_and_match_their_own_implementations(fil
     mean, std = torch.tensor(LATENT_MEAN).view(1, -1, 1, 1), torch.tensor(LATENT_STD).view(1, -1, 1, 1)
 
     codec = load_vae_codec(files["comfy_vae"])
+    assert not is_local(codec)       # the pipeline tiles it with overlap, never maps row bands on their own
     comfy_vae = VAE(sd=read_state_dict(files["comfy_vae"]))
     raw = comfy_vae.encode(image.movedim(1, -1))[:, :, 0].float()         # ComfyUI's own encode: unnormalised
     latent = codec.encode(image)

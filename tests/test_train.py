@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -25,7 +26,7 @@ from teasr_core.text_features import save_text_features
 from train import bench_step
 from train.config import TrainConfig, parse_config
 from train.distill import main
-from train.objectives.teasr import loss_pixel, rcgm_target
+from train.objectives.teasr import TeasrObjective, loss_pixel, rcgm_target
 from train.state import join_tree, split_tree
 
 STEPS = 30
@@ -188,6 +189,24 @@ def test_pixel_regression_only_is_one_pass(tmp_path):
     log = rows(tmp_path)
     assert all((r["fwd_grad"], r.get("fwd_nograd", 0)) == (1, 0) for r in log)
     assert {"loss", "pix_mse"} <= log[0].keys() and log[0]["loss"] == pytest.approx(log[0]["pix_mse"])
+
+
+def test_split_batch_gives_each_term_its_share():
+    """TwinFlow's split: L_any and L_FM a quarter of the batch each, the one-step terms the other half."""
+    seen = []
+
+    def net(x, cond, sigma, target):
+        seen.append(x.shape[0])
+        return torch.zeros_like(x)
+
+    cfg = replace(TrainConfig(), split_batch=True, w_lpips=0.0, batch=8)
+    x0 = torch.randn(8, 4, 4, 4)
+    codec = type("Identity", (), {"decode": staticmethod(lambda x: x)})
+    TeasrObjective(cfg, codec, None)(net, x0, x0.clone(), x0.clone(), torch.Generator())
+    # L_any 1 + 2 target passes on 2; L_e2e 1 + 2 on 4; L_FM 1 on 2; L_adv 1 and L_rect 1 on 4
+    assert seen == [2, 2, 2, 4, 4, 4, 2, 4, 4]
+    with pytest.raises(ValueError, match="batch >= 4"):
+        replace(TrainConfig(), split_batch=True, batch=2)
 
 
 def test_pixel_weight_at_pure_noise():

@@ -28,9 +28,10 @@ class TrainConfig:
     preset: str = opt("small", "model size: teasr_core.model preset (tiny, small, small-pixel, base, qwen-image); "
                                "ignored with `base`")
     data: str = opt("", "folder of HR photos (recursive); required unless data_cache is set")
-    data_cache: str = opt("", "a pair cache made by `python -m train.pair_cache` (degraded pairs and their latents, "
-                              "made once); when set, batches come from it and `data` only feeds the sample grid")
-    cache_shards: int = opt(0, "data_cache: use only its first N shards (0 = all)")
+    data_cache: str = opt("", "pair caches made by `python -m train.pair_cache` (degraded pairs and their latents, "
+                              "made once), comma-separated; when set, batches come from them and `data` only feeds "
+                              "the sample grid")
+    cache_shards: int = opt(0, "data_cache: use only the first N shards of each cache (0 = all)")
     val_data: str = opt("", "folder for the fixed sample-grid batch (default: `data`)")
     out: str = opt("runs/teasr", "output folder: checkpoints/, state/, samples/, metrics.jsonl, train.log")
     max_steps: int = opt(10000, "optimizer steps to train to (a resumed run continues up to this count)")
@@ -108,6 +109,8 @@ class TrainConfig:
     sigma_weight_c: float = opt(0.0, "velocity-space MSEs of a start at sigma are weighted (1 + c^2) sigma^2 / (sigma^2 + c^2): "
                                      "0 = plain velocity MSE (the precursor's), which weights the error of the clean-sample "
                                      "estimate by 1 / sigma^2; c > 0 bounds that at (1 + c^2) / c^2 (large c: clean-sample MSE)")
+    split_batch: bool = opt(False, "TwinFlow's batch split: L_any and L_FM on a quarter of the micro-batch each, the "
+                                   "one-step terms (L_e2e, jump, L_adv, L_rect, pixel) on the other half")
     rect_clamp: float = opt(0.0, "L_rect: clamp the fake-minus-real velocity to [-c, c] per element (TwinFlow: 1); 0 = off")
     w_mse: float = opt(1.0, "pixel MSE of the one-step sample ([-1, 1] scale), times the pixel weight")
     w_lpips: float = opt(1.0, "LPIPS (AlexNet) of the one-step sample, times the pixel weight; needs the "
@@ -163,6 +166,8 @@ class TrainConfig:
             raise ValueError("fp8_base stores frozen weights; it needs LoRA training (full_finetune = false)")
         if self.sigma_weight_c < 0 or self.rect_clamp < 0:
             raise ValueError(f"sigma_weight_c and rect_clamp must be >= 0, got {self.sigma_weight_c}, {self.rect_clamp}")
+        if self.split_batch and self.batch < 4:
+            raise ValueError(f"split_batch needs batch >= 4 (a quarter per term), got {self.batch}")
         if self.crop % self.scale:
             raise ValueError(f"crop {self.crop} must be a multiple of the scale {self.scale}")
         if not 0 < self.hr_scale_min <= 1 or not 0 <= self.light_share <= 1:

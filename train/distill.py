@@ -277,7 +277,7 @@ class Trainer:
 
     def _open_cache(self, k: int) -> CachedPairs:
         cfg = self.cfg
-        stream = CachedPairs(cfg.data_cache, batch_size=cfg.batch, seed=mix_seed(cfg.seed, "data", k),
+        stream = CachedPairs(cfg.data_cache.split(","), batch_size=cfg.batch, seed=mix_seed(cfg.seed, "data", k),
                              device=self.env.device, shards=cfg.cache_shards)
         meta = stream.meta
         if (meta["crop"], meta["scale"]) != (cfg.crop, cfg.scale):
@@ -562,8 +562,8 @@ def _load_into(target: torch.Tensor, full: torch.Tensor) -> None:
 
 def load_lpips(device):
     """LPIPS (AlexNet) from the converted weight cache, or None (logged) when it is absent."""
-    from teasr_core.metrics import LPIPS
-    from teasr_core.weights import MissingWeightsError
+    from teasr_core.eval.metrics import LPIPS
+    from teasr_core.eval.weights import MissingWeightsError
     try:
         return LPIPS().to(device)
     except MissingWeightsError as e:

