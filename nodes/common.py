@@ -58,7 +58,7 @@ def sampling_inputs() -> list:
         io.Float.Input("shift", default=1.0, min=0.05, max=20.0, step=0.05,
                        tooltip="Time shift of the noise schedule: > 1 spends more of the steps at high noise "
                                "(more generation), < 1 at low noise (more refinement)."),
-        io.Float.Input("start_strength", default=1.0, min=0.01, max=1.0, step=0.01,
+        io.Float.Input("start_strength", default=0.5, min=0.01, max=1.0, step=0.01,
                        tooltip="1 = start from pure noise. Lower values start from the noised bicubic upscale: "
                                "closer to the input, less hallucinated detail."),
         io.Combo.Input("color_fix", options=list(COLOR_FIX_METHODS), default="wavelet",

@@ -33,7 +33,8 @@ def add_upscale_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", choices=MODES, default="jump", help="sampler (default: jump)")
     p.add_argument("--shift", type=float, default=1.0, help="sigma-grid time shift")
     p.add_argument("--timesteps", help='explicit timesteps on the 0..1000 scale, e.g. "999,500"')
-    p.add_argument("--start-strength", type=float, default=1.0, help="1 = from noise; <1 = from the noised LR")
+    p.add_argument("--start-strength", type=float, default=0.5,
+                   help="1 = from pure noise; <1 = from the noised bicubic upscale (default 0.5)")
     p.add_argument("--color-fix", choices=COLOR_FIX_METHODS, default="wavelet")
     p.add_argument("--tile-size", default="auto", help="output pixels per tile side, 'auto' or 0 (untiled)")
     p.add_argument("--tile-overlap", type=int, default=128, help="output pixels")

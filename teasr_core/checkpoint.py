@@ -32,7 +32,7 @@ from .model import DiTConfig, DualBranchDiT
 FORMAT_VERSION = 1
 METADATA_KEY = "teasr"
 COMFY_PREFIX = "model.diffusion_model."
-BUNDLED_CHECKPOINT = Path(__file__).resolve().parent / "bundled" / "teasr-small-pixel.safetensors"
+BUNDLED_CHECKPOINT = Path(__file__).resolve().parent / "bundled" / "teasr-small.safetensors"
 SAFETENSORS_ONLY = ("TEASR checkpoints and Qwen-Image base weights are .safetensors files; "
                     "refusing to unpickle .ckpt/.pt/.pth")
 MAX_HEADER_BYTES = 100_000_000          # safetensors' own limit
@@ -53,7 +53,7 @@ class TEASRCheckpoint:
 
     @property
     def name(self) -> str:
-        """E.g. 'teasr-small-pixel' (the bundled model's file stem)."""
+        """E.g. 'teasr-small-taef2': preset and codec."""
         return f"teasr-{self.meta.get('preset') or 'custom'}-{self.codec.get('name', 'unknown')}"
 
 

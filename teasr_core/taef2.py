@@ -2,7 +2,7 @@
 
 The network is written here from the layer layout in `shared/weights/README.md`; the weights are
 madebyollin's `taef2_encoder` / `taef2_decoder` (github.com/madebyollin/taesd, MIT), stored as fp16
-safetensors. It gives the model a 64x smaller space than pixels at ~36 dB round-trip PSNR, with a
+safetensors and shipped in `bundled/taef2/` with their licence (the default model works in this space). It gives the model a 64x smaller space than pixels at ~36 dB round-trip PSNR, with a
 decoder cheap enough to back-propagate pixel losses through during training.
 
 Large images are encoded / decoded in tiles. The nets are local (3x3 convolutions) except for the
@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 from .codecs import check_image, tiled_map
 from .tiling import Rows, RunningMoments, gather
 
-REPO = Path(__file__).resolve().parents[1]
+BUNDLED_WEIGHTS = Path(__file__).resolve().parent / "bundled" / "taef2"
 WEIGHT_FILES = ("taef2_encoder.safetensors", "taef2_decoder.safetensors")
 
 # Per-channel mean / std of raw TAEF2 latents of real photos, used to normalise them to ~N(0, 1).
@@ -132,9 +132,9 @@ def make_decoder(latent_channels: int = 32, width: int = 64) -> nn.Sequential:
 
 
 def default_weights_dir() -> Path:
-    """$TEASR_TAEF2_DIR, else the shared weights folder next to the repository."""
+    """$TEASR_TAEF2_DIR, else the copy that ships with the pack."""
     env = os.environ.get("TEASR_TAEF2_DIR")
-    return Path(env) if env else REPO.parent / "shared" / "weights" / "taef2"
+    return Path(env) if env else BUNDLED_WEIGHTS
 
 
 def load_strict(net: nn.Module, path: Path) -> None:

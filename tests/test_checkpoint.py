@@ -364,6 +364,6 @@ def test_bundled_checkpoint_path(tmp_path, monkeypatch):
     monkeypatch.setattr(ckpt_module, "BUNDLED_CHECKPOINT", tmp_path / "absent.safetensors")
     with pytest.raises(CheckpointError, match="absent.safetensors"):
         ckpt_module.bundled_checkpoint_path()
-    present = save_checkpoint(tmp_path / "teasr-small-pixel.safetensors", DualBranchDiT(preset("tiny")), CODEC)
+    present = save_checkpoint(tmp_path / "teasr-small.safetensors", DualBranchDiT(preset("tiny")), CODEC)
     monkeypatch.setattr(ckpt_module, "BUNDLED_CHECKPOINT", present)
     assert ckpt_module.bundled_checkpoint_path() == present

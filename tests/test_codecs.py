@@ -10,7 +10,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from teasr_core.codecs import Codec, PixelCodec, build_codec
-from teasr_core.taef2 import TAEF2Codec
+from teasr_core.taef2 import BUNDLED_WEIGHTS, TAEF2Codec, default_weights_dir
 
 SHARED = Path(os.environ.get("TEASR_SHARED", Path(__file__).resolve().parents[1].parent / "shared"))
 TAEF2_DIR = SHARED / "weights" / "taef2"
@@ -50,6 +50,15 @@ def test_taef2_missing_weights_error(tmp_path, monkeypatch):
     assert str(tmp_path / "nowhere") in message
     assert "taef2_encoder.safetensors" in message and "taef2_decoder.safetensors" in message
     assert "madebyollin/taesd" in message
+
+
+@needs_shared
+def test_bundled_taef2_weights_are_the_published_ones():
+    """The pack ships TAEF2 so users need no download; the copy must be the reference files, unchanged."""
+    bundled = default_weights_dir()
+    assert bundled == BUNDLED_WEIGHTS and (bundled / "LICENSE").read_bytes() == (TAEF2_DIR / "LICENSE").read_bytes()
+    for name in ("taef2_encoder.safetensors", "taef2_decoder.safetensors"):
+        assert (bundled / name).read_bytes() == (TAEF2_DIR / name).read_bytes(), name
 
 
 @pytest.fixture(scope="module")

@@ -87,7 +87,7 @@ def test_object_info_lists_the_nodes(server):
     assert sampler["optional"]["conditioning"][0] == "CONDITIONING"
     assert info["TEASRTiledUpscale"]["input"]["required"]["tile_size"][0] == "INT"
     checkpoints = info["TEASRLoader"]["input"]["required"]["checkpoint"][1]["options"]
-    assert checkpoints == ["teasr-small-pixel (bundled)", "broken.safetensors"]   # models/teasr, safetensors only
+    assert checkpoints == ["teasr-small (bundled)", "broken.safetensors"]   # models/teasr, safetensors only
     assert info["TEASRLoader"]["output"] == ["TEASR_MODEL"]
 
 

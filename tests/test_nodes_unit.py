@@ -101,7 +101,7 @@ def test_schema_inputs(pack):
     tiled_req = pack.nodes.tiled.TEASRTiledUpscale.GET_NODE_INFO_V1()["input"]["required"]
     assert tiled_req["tile_size"][1]["default"] == 0 and tiled_req["tile_overlap"][0] == "INT"
     loader = pack.nodes.loader.TEASRLoader.GET_NODE_INFO_V1()["input"]
-    assert loader["required"]["checkpoint"][1]["options"][0] == "teasr-small-pixel (bundled)"
+    assert loader["required"]["checkpoint"][1]["options"][0] == "teasr-small (bundled)"
     assert loader["required"]["dtype"][1]["options"] == ["auto", "bf16", "fp16", "fp32"]
     assert loader["optional"]["vae"][0] == "VAE"
 

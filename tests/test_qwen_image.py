@@ -139,7 +139,7 @@ def cli_output(trained):
     out = trained["root"] / "x4.png"
     assert cli(["upscale", str(trained["root"] / "lr.png"), str(out), "--checkpoint", str(trained["checkpoint"]),
                 "--base", str(trained["base"]), "--vae", str(trained["diffusers_vae"]),
-                "--text-features", str(trained["context"]), "--steps", "2"]) == 0
+                "--text-features", str(trained["context"]), "--steps", "2", "--start-strength", "1"]) == 0
     return lr, np.asarray(Image.open(out), dtype=np.float32)
 
 

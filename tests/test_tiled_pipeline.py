@@ -82,8 +82,7 @@ def test_pixel_codec_tiled_equals_untiled(settings, monkeypatch):
 @pytest.fixture(scope="module")
 def taef2():
     from teasr_core.taef2 import TAEF2Codec
-    shared_path("weights", "taef2")
-    return TAEF2Codec()
+    return TAEF2Codec()   # the bundled weights
 
 
 @torch.no_grad()
