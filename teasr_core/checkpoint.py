@@ -318,14 +318,19 @@ def save_checkpoint(path, dit: DualBranchDiT, codec: dict, *, preset: str | None
     `lora_only` writes the delta, which is only valid on the exact base weights it was trained on:
     `merge_lora` rewrites base weights, so save a merged model in full.
     """
-    path = Path(path)
     state = dit.state_dict()
     if lora_only:
         state = {k: v for k, v in state.items() if _is_delta_key(k)}
     layer_alphas = {name: list(layer.alphas) for name, layer in dual_lora_layers(dit) if any(layer.ranks)}
     meta = checkpoint_metadata(dit.cfg, codec, kind="lora" if lora_only else "full", preset=preset,
                                layer_alphas=layer_alphas, training=training)
-    _atomic_save(_file_tensors(state, dtype), path, {METADATA_KEY: json.dumps(meta), "format": "pt"})
+    return write_checkpoint(path, _file_tensors(state, dtype), meta)
+
+
+def write_checkpoint(path, tensors: dict, meta: dict) -> Path:
+    """Write tensors + TEASR metadata (from `checkpoint_metadata`) as one safetensors file, atomically."""
+    path = Path(path)
+    _atomic_save(tensors, path, {METADATA_KEY: json.dumps(meta), "format": "pt"})
     return path
 
 

@@ -14,16 +14,15 @@ shape and left out: the base is the one given.
 """
 from __future__ import annotations
 
-import json
 import logging
 import re
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
-from .checkpoint import (METADATA_KEY, CheckpointError, _atomic_save, _check_names, _header_shapes, _meta_model,
+from .checkpoint import (METADATA_KEY, CheckpointError, _check_names, _header_shapes, _meta_model,
                          _read_header, _read_tensors, checkpoint_metadata, infer_qwen_image_config,
-                         read_qwen_base_tensors)
+                         read_qwen_base_tensors, write_checkpoint)
 from .lora import dual_lora_layers
 from .qwen_vae import codec_config
 
@@ -146,6 +145,4 @@ def _as_delta(delta: dict, cfg, alpha_noise, alpha_cond, path: Path, base) -> tu
 def import_dual_lora(path, base, out, **options) -> Path:
     """Write the TEASR LoRA delta of a dual-LoRA file (see convert_dual_lora) to `out`."""
     tensors, meta = convert_dual_lora(path, base, **options)
-    out = Path(out)
-    _atomic_save({k: v.contiguous() for k, v in tensors.items()}, out, {METADATA_KEY: json.dumps(meta), "format": "pt"})
-    return out
+    return write_checkpoint(out, {k: v.contiguous() for k, v in tensors.items()}, meta)

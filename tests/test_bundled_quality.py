@@ -15,7 +15,7 @@ import torch
 
 from conftest import shared_path
 from teasr_core.eval.baselines import bicubic_upscale
-from teasr_core.eval.evaluate import pair_files
+from teasr_core.eval.evaluate import pair_files, quantise_8bit
 from teasr_core.eval.metrics import evaluate_pair, load_metrics
 from teasr_core.imageio import read_image
 from teasr_core.pipeline import Upscaler, UpscaleSettings, upscale
@@ -25,10 +25,6 @@ from teasr_core.pipeline import Upscaler, UpscaleSettings, upscale
 # is only 0.025 below here (multi-step quality is what stage 2 is for) - raise it to 0.03 with it.
 LPIPS_MARGIN = {"1 step": 0.03, "4 steps": 0.0}
 PSNR_DROP = 2.5       # dB below bicubic at most
-
-
-def quantised(image: torch.Tensor) -> torch.Tensor:
-    return torch.round(image.clamp(0, 1) * 255) / 255
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +42,7 @@ def scores():
     for _, lr_path, hr_path in pairs:
         lr, hr = read_image(lr_path).rgb, read_image(hr_path).rgb
         for method, run in methods.items():
-            row = evaluate_pair(quantised(run(lr)), hr, *metrics)
+            row = evaluate_pair(quantise_8bit(run(lr)), hr, *metrics)
             for key in totals[method]:
                 totals[method][key] += float(row[key]) / len(pairs)
     return totals

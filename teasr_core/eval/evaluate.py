@@ -55,7 +55,7 @@ def baseline_methods(names: list[str], device) -> dict[str, Method]:
     return out
 
 
-def _quantise(image: torch.Tensor) -> torch.Tensor:
+def quantise_8bit(image: torch.Tensor) -> torch.Tensor:
     """Scores are taken on 8-bit images, as they would be saved and as the references were."""
     return torch.round(image.clamp(0, 1) * 255) / 255
 
@@ -72,7 +72,7 @@ def evaluate(pairs, methods: dict[str, Method], device="cpu", figure_dir: Path |
         outputs = {}
         for method, run in methods.items():
             t0 = time.perf_counter()
-            sr = _quantise(run(lr).to(device))
+            sr = quantise_8bit(run(lr).to(device))
             if str(device).startswith("cuda"):
                 torch.cuda.synchronize()
             seconds = time.perf_counter() - t0
