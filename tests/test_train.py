@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from dataclasses import replace
@@ -87,15 +88,43 @@ def test_every_optimised_term_falls(run30):
     assert (run30 / "samples" / f"step-{STEPS:08d}.png").is_file()
 
 
+def assert_resumed_exactly(resumed: Path, straight: Path, steps: int, stopped_at: int) -> None:
+    """Steps after the stop log the same losses, and the final (EMA) weights equal the straight run's."""
+    log = rows(resumed)
+    assert [r["step"] for r in log] == list(range(1, steps + 1))
+    for a, b in zip(log[stopped_at:], rows(straight)[stopped_at:steps]):
+        assert losses(a) == losses(b)
+    a, b = load_file(checkpoint(resumed, steps)), load_file(checkpoint(straight, steps))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_resume_is_bit_exact(run30, tmp_path):
     train(*tiny_args(tmp_path, "--max-steps", "3", "--ckpt-every", "6", "--ema-decay", "0.9"))
     train(*tiny_args(tmp_path, "--max-steps", "6", "--ckpt-every", "6", "--ema-decay", "0.9", "--resume"))
-    resumed, straight = rows(tmp_path), rows(run30)[:6]
-    assert [r["step"] for r in resumed] == list(range(1, 7))
-    for a, b in zip(resumed[3:], straight[3:]):
-        assert losses(a) == losses(b)
-    a, b = load_file(checkpoint(tmp_path, 6)), load_file(checkpoint(run30, 6))  # EMA weights
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert_resumed_exactly(tmp_path, run30, steps=6, stopped_at=3)
+
+
+def test_a_signal_stops_after_the_step_and_loses_nothing(run30, tmp_path, monkeypatch):
+    """Ctrl-C or `timeout`'s SIGTERM mid-run: the step finishes, a checkpoint and the state are written,
+    the exit status names the signal, and --resume ends where the uninterrupted run ends."""
+    from train import distill
+    step = distill.Trainer.train_step
+
+    def signalled_in_step_4(self, batches):
+        row = step(self, batches)
+        if self.step == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return row
+
+    monkeypatch.setattr(distill.Trainer, "train_step", signalled_in_step_4)
+    with pytest.raises(SystemExit) as stopped:
+        train(*tiny_args(tmp_path, "--max-steps", "6", "--ckpt-every", "6", "--ema-decay", "0.9"))
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert [r["step"] for r in rows(tmp_path)] == [1, 2, 3, 4] and checkpoint(tmp_path, 4).is_file()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL, "the trainer must restore the handlers"
+    monkeypatch.undo()
+    train(*tiny_args(tmp_path, "--max-steps", "6", "--ckpt-every", "6", "--ema-decay", "0.9", "--resume"))
+    assert_resumed_exactly(tmp_path, run30, steps=6, stopped_at=4)
 
 
 @pytest.mark.parametrize("engine", ["ddp", "fsdp"])
@@ -233,6 +262,16 @@ def test_tadsr_runs_and_logs_its_cost(tmp_path):
         # student 1 pass with grad; teacher 4 rollout + 2 HFSD passes; discriminator: half-depth encoder
         assert (r["fwd_grad"], r["fwd_nograd"], r["enc_grad"], r["enc_nograd"]) == (1, 6, 1, 1)
     assert read_metadata(checkpoint(tmp_path, 3))["training"]["objective"] == "tadsr"
+
+
+def test_device_option_resolves_to_an_indexed_gpu():
+    """`--device cuda` once failed on a GPU machine (torch.cuda.set_device needs an index)."""
+    from train.distill import resolve_device
+    assert resolve_device("cuda", 3, True) == torch.device("cuda", 3)
+    assert resolve_device("", 1, True) == torch.device("cuda", 1)
+    assert resolve_device("", 1, False) == torch.device("cpu")
+    assert resolve_device("cuda:2", 0, True) == torch.device("cuda", 2)
+    assert resolve_device("cpu", 0, True) == torch.device("cpu")
 
 
 def test_rcgm_target_is_exact_for_a_true_flow_map():

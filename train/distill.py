@@ -26,7 +26,9 @@ import logging
 import math
 import os
 import resource
+import signal
 import sys
+import threading
 import time
 from collections import Counter
 from contextlib import contextmanager, nullcontext
@@ -76,16 +78,21 @@ class Dist:
         return self.rank == 0
 
 
+def resolve_device(name: str, local_rank: int, cuda_available: bool) -> torch.device:
+    """The option `device` for this process: empty = its GPU if any, else the CPU; a bare "cuda" (no
+    index) = its own GPU, cuda:LOCAL_RANK, as torch.cuda.set_device needs an index."""
+    device = torch.device(name or ("cuda" if cuda_available else "cpu"))
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank)
+    return device
+
+
 def setup_distributed(cfg: TrainConfig) -> Dist:
     """Process group from torchrun's environment (nccl on CUDA, gloo on CPU); single process otherwise."""
     if cfg.cpu_threads:
         torch.set_num_threads(cfg.cpu_threads)
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if cfg.device:
-        device = torch.device(cfg.device)
-    else:
-        device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.is_available())
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
@@ -523,7 +530,13 @@ class Trainer:
         return path
 
     # ---- the loop ------------------------------------------------------------------------------
-    def fit(self) -> None:
+    def fit(self) -> int | None:
+        """Train to `max_steps`; returns the signal that stopped the run early, if one did."""
+        with StopOnSignal() as stop:
+            self._fit(stop)
+        return stop.received
+
+    def _fit(self, stop: StopOnSignal) -> None:
         cfg = self.cfg
         self.open_data()
         metrics = self.out / "metrics.jsonl"
@@ -542,14 +555,53 @@ class Trainer:
             if self.env.main and (self.step % cfg.log_every == 0 or self.step == cfg.max_steps):
                 with open(metrics, "a") as f:
                     f.write(json.dumps(row) + "\n")
-            if self.step % cfg.ckpt_every == 0 or self.step == cfg.max_steps:
+            stopping = stop.agreed(self.env)
+            if self.step % cfg.ckpt_every == 0 or self.step == cfg.max_steps or stopping:
                 self.save_checkpoint()
                 self.save_state()
+            if stopping:
+                log.info("step %d: stopped by a signal; continue with --resume", self.step)
+                break
             if cfg.sample_every and (self.step % cfg.sample_every == 0 or self.step == cfg.max_steps):
                 path = self.sample_grid()
                 if path:
                     log.info("step %d: samples %s", self.step, path)
         bar.close()
+
+
+class StopOnSignal:
+    """SIGINT / SIGTERM (Ctrl-C, `timeout`, a job scheduler) end the run after the current step, with a
+    checkpoint and a training state written, so `--resume` loses nothing; a second signal aborts at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous: dict = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.received is not None:
+            raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: aborted without saving")
+        self.received = signum
+        log.warning("%s: stopping after this step (checkpoint and state will be written; "
+                    "a second signal aborts)", signal.Signals(signum).name)
+
+    def __enter__(self) -> "StopOnSignal":
+        if threading.current_thread() is threading.main_thread():  # Python delivers signals there only
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+    def agreed(self, env: Dist) -> bool:
+        """Whether to stop now; with several processes, stop when any one was signalled (a collective)."""
+        if env.world == 1:
+            return self.received is not None
+        flag = torch.tensor([float(self.received is not None)], device=env.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
 
 
 def _load_into(target: torch.Tensor, full: torch.Tensor) -> None:
@@ -592,10 +644,12 @@ def main(argv=None) -> None:
             log.info("objective %s, %s model, %d trained parameters, %d process(es) on %s, global batch %d",
                      cfg.objective, trainer.preset or "custom", trained, env.world, env.device,
                      cfg.batch * cfg.grad_accum * env.world)
-        trainer.fit()
+        stopped_by = trainer.fit()
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+    if stopped_by is not None:
+        raise SystemExit(128 + stopped_by)  # the shell's convention for a signalled program
 
 
 if __name__ == "__main__":
