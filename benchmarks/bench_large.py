@@ -3,13 +3,14 @@
   python benchmarks/bench_large.py run --photo P --sizes 3,12,48,96 [--code DIR] [--label after] [--out F]
   python benchmarks/bench_large.py run --photo P --sizes 3,12 --method realesrgan --out F
   python benchmarks/bench_large.py plot --out F --figure benchmarks/large_images.svg
+  python benchmarks/bench_large.py table --out F      # the BENCHMARKS.md table of every row in F
 
 `run` resizes the photo (bicubic) to the input size of each output size (4:3, x4), runs
 `python -m teasr_core upscale IN OUT --steps 1` (or Real-ESRGAN x4plus's tiled path) from the
 repository at --code (default: this one; an older commit's tree gives the "before" rows) in a child
 process, and appends {label, method, output MP, seconds, peak RSS} to the JSON file. Peak RSS is the
 child's own (os.wait4), so the benchmark's process does not count. `plot` draws seconds and GB per
-output MP as an SVG (no plotting library needed).
+output MP as an SVG (no plotting library needed); `table` prints the rows as a Markdown table.
 """
 from __future__ import annotations
 
@@ -69,6 +70,16 @@ def cmd_run(args) -> None:
             dst.unlink(missing_ok=True)
 
 
+def cmd_table(args) -> None:
+    """One Markdown row per run, in the file's order: time and memory per output megapixel beside the totals."""
+    print("| run | method | output MP | seconds | s / MP | peak RSS (GB) | bytes / output px | date |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in json.loads(args.out.read_text()):
+        mp, seconds, gb = r["output_mp"], r["seconds"], r["peak_rss_gb"]
+        print(f"| {r['label']} | {r['method']} | {mp} | {seconds:.0f} | {seconds / mp:.1f} | {gb:.2f} | "
+              f"{gb * 1e9 / (mp * 1e6):.0f} | {r['date']} |")
+
+
 def cmd_plot(args) -> None:
     """Two panels (seconds, peak GB) against output MP, one polyline per (method, label)."""
     rows = json.loads(args.out.read_text())
@@ -124,6 +135,9 @@ def main() -> None:
     plot.add_argument("--out", type=Path, default=REPO / "results" / "bench_large.json")
     plot.add_argument("--figure", type=Path, default=REPO / "benchmarks" / "large_images.svg")
     plot.set_defaults(run=cmd_plot)
+    table = sub.add_parser("table")
+    table.add_argument("--out", type=Path, default=REPO / "results" / "bench_large.json")
+    table.set_defaults(run=cmd_table)
     args = ap.parse_args()
     args.run(args)
 
