@@ -108,8 +108,7 @@ def run_step(name: str, smoke: bool, record: Partial) -> None:
         from bench_upscale import time_upscale
         from teasr_core.pipeline import Upscaler
         sizes, steps, repeats = shape["upscale"]
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        upscaler = Upscaler.from_checkpoint(device=device, dtype=dtype)
+        upscaler = Upscaler.from_checkpoint(device=device)
         for size in sizes:
             times = time_upscale(upscaler, size, list(steps), repeats)
             record.append("results", {"output": 4 * size, "seconds": {n: t["best"] for n, t in times.items()}})

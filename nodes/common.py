@@ -72,6 +72,10 @@ def optional_inputs() -> list:
         io.String.Input("timesteps", default="", optional=True,
                         tooltip="Explicit timesteps on the 0..1000 scale, strictly decreasing, e.g. "
                                 "'999,750,500,250'. Empty: use steps and shift."),
+        io.Float.Input("end_ratio", default=-1.0, min=-1.0, max=0.99, step=0.01, optional=True,
+                       tooltip="Multi-step only: the last step's noise level as a share of start_strength; the "
+                               "steps in between are evenly spaced. 0 = uniform steps down to 0. -1 = the "
+                               "model's own setting (the bundled model: 0.85, its low-noise steps add grain)."),
         io.Conditioning.Input("conditioning", optional=True,
                               tooltip="Text conditioning, only for TEASR models with a text stream (e.g. ones "
                                       "built on Qwen-Image); models without one ignore it."),
@@ -93,10 +97,12 @@ def timesteps_error(timesteps: str | None) -> str | None:
     return None
 
 
-def build_settings(*, steps, seed, mode, shift, start_strength, color_fix, timesteps=None, scale=4,
-                   tile=None, tile_overlap=None) -> UpscaleSettings:
+def build_settings(*, steps, seed, mode, shift, start_strength, color_fix, timesteps=None, end_ratio=None,
+                   scale=4, tile=None, tile_overlap=None) -> UpscaleSettings:
+    """UpscaleSettings from node inputs; a negative end_ratio (the widget's -1) means the model's own."""
     return upscale_settings(steps=steps, seed=seed, mode=mode, shift=shift, start_strength=start_strength,
-                            color_fix=color_fix, timesteps=(timesteps or "").strip() or None, scale=scale,
+                            color_fix=color_fix, timesteps=(timesteps or "").strip() or None,
+                            end_ratio=None if end_ratio is None or end_ratio < 0 else end_ratio, scale=scale,
                             tile=tile, tile_overlap=tile_overlap)
 
 

@@ -121,4 +121,4 @@ class TEASRLoader(io.ComfyNode):
         ckpt = load_checkpoint(path, device=offload, dtype=compute_dtype(dtype, device), fp8=fp8_base, base=base)
         codec = codec_for(ckpt, vae, device, path.stem)
         patcher = ModelPatcher(ckpt.dit, load_device=device, offload_device=offload)
-        return io.NodeOutput(TEASRModel(patcher, codec, ckpt.meta, path.stem))
+        return io.NodeOutput(TEASRModel(patcher, codec, ckpt.meta, path.stem, ckpt.end_ratio))

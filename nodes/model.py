@@ -39,6 +39,7 @@ class TEASRModel:
     codec: object           # teasr_core.codecs.Codec
     meta: dict
     name: str
+    end_ratio: float = 0.0  # the checkpoint's recommended sampling grid (TEASRCheckpoint.end_ratio)
     _cost: tuple[float, float] | None = field(default=None, repr=False)
 
     @property
@@ -63,7 +64,7 @@ class TEASRModel:
             mm.load_models_gpu([self.patcher], force_full_load=True)
             self._cost = self._token_cost()
         mm.load_models_gpu([self.patcher], memory_required=self.window_bytes(*window_hw), force_full_load=True)
-        return Upscaler(self.dit, self.codec)
+        return Upscaler(self.dit, self.codec, end_ratio=self.end_ratio)
 
     def tokens(self, out_h: int, out_w: int) -> int:
         a = self.alignment

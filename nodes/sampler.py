@@ -29,9 +29,9 @@ class TEASRAnyStepSampler(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, image, steps, seed, mode, shift, start_strength, color_fix, timesteps="",
-                conditioning=None) -> io.NodeOutput:
+                end_ratio=None, conditioning=None) -> io.NodeOutput:
         settings = build_settings(steps=steps, seed=seed, mode=mode, shift=shift, start_strength=start_strength,
-                                  color_fix=color_fix, timesteps=timesteps)
+                                  color_fix=color_fix, timesteps=timesteps, end_ratio=end_ratio)
         try:
             return io.NodeOutput(upscale_images(model, image, settings, conditioning))
         except Exception as e:

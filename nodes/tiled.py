@@ -63,9 +63,10 @@ class TEASRTiledUpscale(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, image, steps, seed, mode, shift, start_strength, color_fix, tile_size, tile_overlap,
-                timesteps="", conditioning=None) -> io.NodeOutput:
+                timesteps="", end_ratio=None, conditioning=None) -> io.NodeOutput:
         settings = build_settings(steps=steps, seed=seed, mode=mode, shift=shift, start_strength=start_strength,
-                                  color_fix=color_fix, timesteps=timesteps, tile_overlap=tile_overlap)
+                                  color_fix=color_fix, timesteps=timesteps, end_ratio=end_ratio,
+                                  tile_overlap=tile_overlap)
         out_hw = (image.shape[1] * settings.scale, image.shape[2] * settings.scale)
         tile = tile_size or auto_tile_size(model, out_hw)
         while True:

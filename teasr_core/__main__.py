@@ -12,6 +12,7 @@ from tqdm import tqdm
 from .color import COLOR_FIX_METHODS
 from .imageio import IMAGE_EXTENSIONS, ImageCanvas, ImageReadError, read_image
 from .pipeline import Upscaler, bicubic_rows, count_model_calls, upscale, upscale_into, upscale_settings
+from .process import reuse_freed_memory
 from .sampling import MODES
 from .text_features import load_text_features
 
@@ -35,6 +36,8 @@ def add_upscale_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timesteps", help='explicit timesteps on the 0..1000 scale, e.g. "999,500"')
     p.add_argument("--start-strength", type=float, default=0.5,
                    help="1 = from pure noise; <1 = from the noised bicubic upscale (default 0.5)")
+    p.add_argument("--end-ratio", type=float, help="multi-step: the last step's strength as a share of the start "
+                                                   "strength; 0 = uniform steps (default: the model's own)")
     p.add_argument("--color-fix", choices=COLOR_FIX_METHODS, default="wavelet")
     p.add_argument("--tile-size", default="auto", help="output pixels per tile side, 'auto' or 0 (untiled)")
     p.add_argument("--tile-overlap", type=int, default=128, help="output pixels")
@@ -48,8 +51,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def load_upscaler(args) -> Upscaler:
-    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if str(args.device).startswith("cuda") else torch.float32)
-    upscaler = Upscaler.from_checkpoint(args.checkpoint, device=args.device, dtype=dtype, fp8=args.fp8,
+    upscaler = Upscaler.from_checkpoint(args.checkpoint, device=args.device, dtype=DTYPES.get(args.dtype), fp8=args.fp8,
                                         base=args.base, vae=args.vae)
     features = upscaler.dit.cfg.context_dim
     if features:
@@ -73,7 +75,7 @@ def tile_for(args, out_hw: tuple[int, int]) -> int | None:
 def settings_for(args, steps: int, image_hw: tuple[int, int]):
     out_hw = (image_hw[0] * args.scale, image_hw[1] * args.scale)
     return upscale_settings(steps=steps, scale=args.scale, seed=args.seed, mode=args.mode, shift=args.shift,
-                            timesteps=args.timesteps, start_strength=args.start_strength,
+                            timesteps=args.timesteps, start_strength=args.start_strength, end_ratio=args.end_ratio,
                             color_fix=args.color_fix, tile=tile_for(args, out_hw), tile_overlap=args.tile_overlap)
 
 
@@ -81,6 +83,7 @@ def upscale_file(upscaler: Upscaler, src: Path, dst: Path, args) -> None:
     """Upscale one file straight into its 8/16-bit output array (no full-size float copy), then write it."""
     photo = read_image(src)
     settings = settings_for(args, args.steps, tuple(photo.rgb.shape[-2:]))
+    reuse_freed_memory(settings.tile is None)   # faster whole-image runs; tiled ones keep their memory bound
     total = count_model_calls(upscaler, tuple(photo.rgb.shape[-2:]), settings)
     h, w = photo.rgb.shape[-2] * settings.scale, photo.rgb.shape[-1] * settings.scale
     canvas = ImageCanvas(dst, h, w, photo.grayscale, photo.alpha is not None, photo.bits)
@@ -133,17 +136,24 @@ def cmd_eval(args) -> int:
     import json
 
     from .eval.evaluate import baseline_methods, evaluate, format_table, pair_files
-    pairs = pair_files(args.lr, args.hr)[::args.every][:args.limit]
+    pairs = pair_files(args.lr, args.hr)
+    pairs = ([p for i, p in enumerate(pairs) if i % args.held_out] if args.held_out else pairs[::args.every])[:args.limit]
     steps = [int(s) for s in args.steps.split(",") if s]
     methods = baseline_methods([b for b in args.baselines.split(",") if b], args.device)
     upscaler = load_upscaler(args) if steps else None
+
+    def teasr(img: torch.Tensor, steps: int) -> torch.Tensor:
+        settings = settings_for(args, steps, tuple(img.shape[-2:]))
+        reuse_freed_memory(settings.tile is None)   # as in upscale_file
+        return upscale(upscaler, img, settings)
+
     for n in steps:
-        methods[f"TEASR {n} step{'s' if n > 1 else ''}"] = \
-            lambda img, n=n: upscale(upscaler, img, settings_for(args, n, tuple(img.shape[-2:])))
+        methods[f"TEASR {n} step{'s' if n > 1 else ''}"] = lambda img, n=n: teasr(img, n)
     order = tuple(m for m in methods if m in ("bicubic", "Real-ESRGAN x4plus", "TEASR 1 step", "TEASR 4 steps"))
     with tqdm(total=len(pairs), desc="eval", unit="img") as bar:
         results = evaluate(pairs, methods, args.device, args.figures, order, progress=lambda _: bar.update())
-    results.update(lr=str(args.lr), hr=str(args.hr) if args.hr else None, every=args.every, limit=args.limit,
+    results.update(lr=str(args.lr), hr=str(args.hr) if args.hr else None, every=args.every, held_out=args.held_out,
+                   limit=args.limit,
                    checkpoint=str(args.checkpoint or "bundled") if steps else None, seed=args.seed, color_fix=args.color_fix)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1))
@@ -178,6 +188,8 @@ def main(argv=None) -> int:
     ev.add_argument("--figures", type=Path, help="folder for comparison strips (LR | bicubic | ... | HR)")
     ev.add_argument("--limit", type=int, help="only the first N pairs (after --every)")
     ev.add_argument("--every", type=int, default=1, help="only every K-th pair (a quick check spread over the set)")
+    ev.add_argument("--held-out", type=int, metavar="K", help="only the pairs --every K leaves out (to check a "
+                                                              "setting chosen on every K-th)")
     add_upscale_options(ev)
     ev.set_defaults(run=cmd_eval)
     im = sub.add_parser("import-lora", help="a LoRA file in the TEASR authors' dual-LoRA naming -> a TEASR LoRA checkpoint")

@@ -4,7 +4,7 @@ A TEASR checkpoint is one .safetensors file. Its tensors are the DiT state dict 
 the TEASR-trained parts ("lora": the LoRA factors, `time_text_embed_2` and a `null_context` if
 the model has one), applied on top of a base. The header metadata key "teasr" holds the JSON
 config: format_version, kind, preset, dit (DiTConfig.to_dict()), codec, lora_ranks, version,
-training, plus `lora_alphas`, {layer: [alpha_noise, alpha_cond]} for every layer with a LoRA,
+training, sampling (the settings the model is best sampled with, e.g. {"end_ratio": 0.85}; optional), plus `lora_alphas`, {layer: [alpha_noise, alpha_cond]} for every layer with a LoRA,
 because `merge_lora` leaves layers whose ranks and alphas differ from the config's.
 
 Models are built on the meta device and the file's tensors are assigned into them, so loading a
@@ -55,6 +55,15 @@ class TEASRCheckpoint:
     def name(self) -> str:
         """E.g. 'teasr-small-taef2': preset and codec."""
         return f"teasr-{self.meta.get('preset') or 'custom'}-{self.codec.get('name', 'unknown')}"
+
+    @property
+    def end_ratio(self) -> float:
+        """The sampling grid's end ratio the file recommends (0: uniform), see sampling.shifted_sigmas."""
+        value = (self.meta.get("sampling") or {}).get("end_ratio", 0.0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+            raise CheckpointError(f"the checkpoint's sampling metadata has end_ratio {value!r}; expected a number "
+                                  "in [0, 1) (re-export it with train.export --end-ratio)")
+        return float(value)
 
 
 # ---- reading safetensors without trusting them ------------------------------------------------
@@ -312,7 +321,8 @@ def _atomic_save(tensors: dict, path: Path, metadata: dict) -> None:
 
 
 def save_checkpoint(path, dit: DualBranchDiT, codec: dict, *, preset: str | None = None,
-                    training: dict | None = None, lora_only: bool = False, dtype: torch.dtype | None = None) -> Path:
+                    training: dict | None = None, sampling: dict | None = None, lora_only: bool = False,
+                    dtype: torch.dtype | None = None) -> Path:
     """Write a TEASR checkpoint atomically; `dtype` (e.g. float16) shrinks the file.
 
     `lora_only` writes the delta, which is only valid on the exact base weights it was trained on:
@@ -323,7 +333,7 @@ def save_checkpoint(path, dit: DualBranchDiT, codec: dict, *, preset: str | None
         state = {k: v for k, v in state.items() if _is_delta_key(k)}
     layer_alphas = {name: list(layer.alphas) for name, layer in dual_lora_layers(dit) if any(layer.ranks)}
     meta = checkpoint_metadata(dit.cfg, codec, kind="lora" if lora_only else "full", preset=preset,
-                               layer_alphas=layer_alphas, training=training)
+                               layer_alphas=layer_alphas, training=training, sampling=sampling)
     return write_checkpoint(path, _file_tensors(state, dtype), meta)
 
 
@@ -335,7 +345,8 @@ def write_checkpoint(path, tensors: dict, meta: dict) -> Path:
 
 
 def checkpoint_metadata(cfg: DiTConfig, codec: dict, *, kind: str, preset: str | None = None,
-                        layer_alphas: dict | None = None, training: dict | None = None) -> dict:
+                        layer_alphas: dict | None = None, training: dict | None = None,
+                        sampling: dict | None = None) -> dict:
     """The header's TEASR config (see the module docstring); refuses a codec that cannot feed the model."""
     _check_codec(codec, cfg)
     return {
@@ -348,6 +359,7 @@ def checkpoint_metadata(cfg: DiTConfig, codec: dict, *, kind: str, preset: str |
         "lora_alphas": layer_alphas or {},
         "version": __version__,
         "training": training or {},
+        **({"sampling": sampling} if sampling else {}),
     }
 
 

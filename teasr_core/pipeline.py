@@ -72,6 +72,8 @@ class UpscaleSettings:
     timesteps: tuple[float, ...] | None = None  # explicit 0..1000 timesteps; overrides steps/shift
     start_strength: float = 0.5           # 1 = from pure noise; < 1 = from the noised LR latent (the
                                           # bundled model is sharpest-yet-faithful at 0.5: README)
+    end_ratio: float | None = None        # last step's strength / start_strength (0 = uniform grid);
+                                          # None = the model's own (its checkpoint's "sampling" metadata)
     stochasticity: float = 1.0            # renoise mode: share of fresh noise per step
     tile: int | None = None               # tile side in output pixels; None = whole image at once
     tile_overlap: int = 64                # output pixels
@@ -84,16 +86,24 @@ class UpscaleSettings:
             raise ValueError(f"unknown color fix {self.color_fix!r}; choose one of {COLOR_FIX_METHODS}")
         if not 1 <= self.scale <= 8:
             raise ValueError(f"scale must be in 1..8, got {self.scale}")
-        self.sigmas()  # validates steps / shift / start_strength / timesteps
+        self.sigmas()  # validates steps / shift / start_strength / end_ratio / timesteps
 
-    def sigmas(self) -> torch.Tensor:
+    def sigmas(self, model_end_ratio: float = 0.0) -> torch.Tensor:
+        """The noise levels; `model_end_ratio` is the model's own end ratio, used when end_ratio is None."""
         if self.timesteps:
             return sigmas_from_timesteps(self.timesteps)
-        return shifted_sigmas(self.steps, self.shift, self.start_strength)
+        end_ratio = model_end_ratio if self.end_ratio is None else self.end_ratio
+        return shifted_sigmas(self.steps, self.shift, self.start_strength, end_ratio)
 
     @property
     def model_calls(self) -> int:
         return len(self.sigmas()) - 1
+
+
+def default_dtype(device) -> torch.dtype:
+    """bf16 on CUDA; fp32 elsewhere: CPUs without native half-precision matmuls run fp16/bf16 2-45x
+    slower (the bundled file stores fp16: computing in it made its transformer 2.6x slower here)."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
 
 @dataclass
@@ -103,18 +113,22 @@ class Upscaler:
     dit: DualBranchDiT
     codec: Codec
     context: torch.Tensor | None = None
+    end_ratio: float = 0.0                 # the sampling grid this model is best with (UpscaleSettings.end_ratio)
 
     @classmethod
     def from_checkpoint(cls, path=None, *, device="cpu", dtype=None, fp8=False, codec: Codec | None = None,
                         base=None, vae=None) -> "Upscaler":
-        """Load a TEASR checkpoint (the bundled default when path is None).
+        """Load a TEASR checkpoint (the bundled default when path is None) to compute in `dtype`
+        (default: `default_dtype(device)`, whatever the file stores).
 
         Latent models whose VAE lives outside this library (e.g. Qwen-Image's) need that VAE: its
         file as `vae`, or a ready `codec`.
         """
         from .checkpoint import bundled_checkpoint_path, load_checkpoint
+        dtype = dtype or default_dtype(device)
         ckpt = load_checkpoint(path or bundled_checkpoint_path(), device=device, dtype=dtype, fp8=fp8, base=base)
-        return cls(ckpt.dit, codec or codec_from_config(ckpt.codec, device=device, vae=vae, dtype=dtype))
+        return cls(ckpt.dit, codec or codec_from_config(ckpt.codec, device=device, vae=vae, dtype=dtype),
+                   end_ratio=ckpt.end_ratio)
 
     @property
     def device(self) -> torch.device:
@@ -244,7 +258,7 @@ def upscale_into(upscaler: Upscaler, image: torch.Tensor, canvas: Canvas,
     codec_tile = max(1, min(settings.tile or CODEC_TILE, CODEC_TILE) // codec.scale)
     condition = _condition(codec, reference, latent_hw, codec_tile, dtype)
 
-    sigmas = settings.sigmas()
+    sigmas = settings.sigmas(upscaler.end_ratio)
     tiles, overlap = plan_for(upscaler, latent_hw, settings)
     total, done = settings.model_calls * len(tiles), 0
     batch, channels = image.shape[0], upscaler.dit.cfg.in_channels

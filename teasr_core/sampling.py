@@ -18,15 +18,26 @@ MAX_STEPS = 50
 
 
 # ---- schedules --------------------------------------------------------------------------------
-def shifted_sigmas(steps: int, shift: float = 1.0, start: float = 1.0) -> torch.Tensor:
-    """steps + 1 sigmas from `start` down to 0 on a time-shifted uniform grid (shift > 1: more high-noise)."""
+def shifted_sigmas(steps: int, shift: float = 1.0, start: float = 1.0, end_ratio: float = 0.0) -> torch.Tensor:
+    """steps + 1 sigmas from `start` down to 0 on a time-shifted grid (shift > 1: more high-noise).
+
+    end_ratio = 0: a uniform grid (the last step starts at start / steps). end_ratio in (0, 1): the
+    steps start uniformly from `start` down to start * end_ratio, and the last one jumps from there
+    to 0 -- for models whose low-noise steps add grain instead of detail (the bundled one: README).
+    """
     if not 1 <= steps <= MAX_STEPS:
         raise ValueError(f"steps must be in 1..{MAX_STEPS}, got {steps}")
     if not 0 < start <= 1:
         raise ValueError(f"start strength must be in (0, 1], got {start}")
     if shift <= 0:
         raise ValueError(f"shift must be > 0, got {shift}")
-    t = torch.linspace(start, 0, steps + 1, dtype=torch.float64)
+    if not 0 <= end_ratio < 1:
+        raise ValueError(f"end ratio must be in [0, 1), got {end_ratio}")
+    if end_ratio and steps > 1:
+        t = torch.cat([torch.linspace(start, start * end_ratio, steps, dtype=torch.float64),
+                       torch.zeros(1, dtype=torch.float64)])
+    else:
+        t = torch.linspace(start, 0, steps + 1, dtype=torch.float64)
     return (shift * t / (1 + (shift - 1) * t)).float()
 
 

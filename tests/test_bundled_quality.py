@@ -3,10 +3,10 @@
 Six pairs spread over the two shared real-world halves (RealSR, DRealSR; every 16th file), the
 README's main path (`pipeline.upscale` with the CLI's defaults), scored as `python -m teasr_core eval`
 scores (8-bit output, LPIPS-Alex, DISTS, PSNR-Y). A model that turns photos into noise, or only
-reproduces the bicubic upscale, fails here: LPIPS must be clearly below bicubic's at 1 step and below
-it at 4 steps, and the 1-step result must keep bicubic's fidelity (DISTS below, PSNR-Y at most 2.5 dB lower).
-The 4-step fidelity (PSNR-Y, DISTS) is reported by the model card, not guarded: the shipped model
-(stage 2 after 248 distillation steps) does not reach it yet.
+reproduces the bicubic upscale, fails here: LPIPS must be clearly below bicubic's at 1 and 4 steps, with
+PSNR-Y at most 2.5 dB lower; 4 steps (on the model's own grid, end ratio 0.85) within 0.01 LPIPS of 1
+step; and the 1-step result's DISTS below bicubic's. The 4-step DISTS is reported by the model card, not
+guarded: it is below bicubic's on both shared halves but 0.005 above on these six pairs.
 """
 from __future__ import annotations
 
@@ -20,11 +20,11 @@ from teasr_core.eval.metrics import evaluate_pair, load_metrics
 from teasr_core.imageio import read_image
 from teasr_core.pipeline import Upscaler, UpscaleSettings, upscale
 
-# How far below bicubic's LPIPS the model must be on these six pairs. 1 step, the default: "clearly"
-# (0.08-0.10 below on the every-4th subsets of the model card). 4 steps: below (0.06-0.07 below on
-# those subsets since stage 2; the CPU stage-1 file was only 0.025 below on these six).
-LPIPS_MARGIN = {"1 step": 0.03, "4 steps": 0.0}
+# How far below bicubic's LPIPS the model must be on these six pairs: "clearly". Measured 2026-11-30 (fp32,
+# this CPU): 1 step 0.302, 4 steps 0.308, bicubic 0.388; PSNR-Y 26.61 / 26.11 / 28.10 dB.
+LPIPS_MARGIN = {"1 step": 0.03, "4 steps": 0.03}
 PSNR_DROP = 2.5       # dB below bicubic at most
+STEPS_LPIPS_SLACK = 0.01  # 4 steps may trail 1 step by this much LPIPS (issue 9's bar)
 
 
 @pytest.fixture(scope="module")
@@ -54,10 +54,16 @@ def test_bundled_model_is_clearly_more_perceptual_than_bicubic(scores, steps):
     assert model["lpips"] <= bicubic["lpips"] - LPIPS_MARGIN[steps], (steps, model, bicubic)
 
 
-def test_bundled_model_keeps_bicubic_fidelity_at_one_step(scores):
-    bicubic, model = scores["bicubic"], scores["1 step"]
-    assert model["dists"] < bicubic["dists"], (model, bicubic)
-    assert model["psnr"] >= bicubic["psnr"] - PSNR_DROP, (model, bicubic)
+@pytest.mark.parametrize("steps", ["1 step", "4 steps"])
+def test_bundled_model_keeps_bicubic_fidelity(scores, steps):
+    bicubic, model = scores["bicubic"], scores[steps]
+    assert model["psnr"] >= bicubic["psnr"] - PSNR_DROP, (steps, model, bicubic)
+    if steps == "1 step":
+        assert model["dists"] < bicubic["dists"], (model, bicubic)
+
+
+def test_more_steps_do_not_lose_to_one_step(scores):
+    assert scores["4 steps"]["lpips"] <= scores["1 step"]["lpips"] + STEPS_LPIPS_SLACK, scores
 
 
 def test_same_seed_same_image():

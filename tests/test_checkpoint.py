@@ -16,6 +16,7 @@ from teasr_core.checkpoint import (CheckpointError, infer_qwen_image_config, loa
                                    read_metadata, save_checkpoint)
 from teasr_core.lora import FP8
 from teasr_core.model import DualBranchDiT, preset
+from teasr_core.pipeline import Upscaler, default_dtype
 
 from conftest import assert_close_rel
 
@@ -96,6 +97,10 @@ def test_fp16_file_is_half_the_size_and_loads_within_fp16_tolerance(tmp_path):
     assert {p.dtype for p in as_stored.parameters()} == {torch.float16}
     upcast = load_checkpoint(half, dtype=torch.float32).dit
     assert_close_rel(run(upcast), run(dit), 5e-3)
+    # The upscaler computes in the device's dtype, not the file's: fp16 matmuls are slow on CPUs.
+    assert Upscaler.from_checkpoint(half).dit.compute_dtype == torch.float32
+    assert Upscaler.from_checkpoint(half, dtype=torch.bfloat16).dit.compute_dtype == torch.bfloat16
+    assert default_dtype("cuda:0") == torch.bfloat16 and default_dtype(torch.device("cpu")) == torch.float32
 
 
 def test_lora_delta_on_a_full_base_equals_the_full_model(tmp_path):
@@ -320,6 +325,12 @@ def test_base_transformer_passed_as_a_teasr_checkpoint_points_to_the_base_loader
     path = write_qwen(tmp_path, "comfy-prefixed", state)
     with pytest.raises(CheckpointError, match="load_qwen_image_base.*--base"):
         load_checkpoint(path)
+
+
+def test_bad_sampling_metadata_is_refused_at_load(tmp_path):
+    path = save_checkpoint(tmp_path / "m.safetensors", DualBranchDiT(preset("tiny")), CODEC, sampling={"end_ratio": 1.2})
+    with pytest.raises(CheckpointError, match="end_ratio 1.2"):
+        Upscaler.from_checkpoint(path)
 
 
 def test_unknown_format_version_is_refused(tmp_path):

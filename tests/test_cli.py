@@ -1,6 +1,7 @@
 """`python -m teasr_core upscale` end to end: formats, directories, and refusals."""
 from __future__ import annotations
 
+import platform
 import subprocess
 import sys
 
@@ -11,6 +12,7 @@ from PIL import Image
 
 from teasr_core.__main__ import main
 from teasr_core.imageio import read_image, write_image
+from teasr_core.process import reuse_freed_memory
 
 from conftest import REPO, shared_path
 
@@ -89,3 +91,10 @@ def test_cli_subprocess_uses_the_bundled_default(tmp_path):
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert Image.open(out).size == (64, 64)
+
+
+def test_allocator_setting_takes_on_glibc_and_is_a_no_op_elsewhere():
+    """The CLI keeps big freed blocks for reuse on untiled images and restores glibc's handling for tiled ones."""
+    expected = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+    assert reuse_freed_memory(True) is expected
+    assert reuse_freed_memory(False) is expected

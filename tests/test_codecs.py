@@ -1,5 +1,6 @@
 """Codecs: the pixel codec is exactly invertible; TAEF2 loads strictly, round-trips real photos well,
 gives roughly unit-normal latents and back-propagates through decode."""
+import copy
 import os
 from pathlib import Path
 
@@ -110,6 +111,12 @@ def test_taef2_decode_is_differentiable_and_checks_shapes(taef2):
     assert image.shape == (1, 3, 32, 48) and 0 <= image.min() and image.max() <= 1
     image.square().mean().backward()
     assert latent.grad is not None and torch.isfinite(latent.grad).all() and latent.grad.abs().sum() > 0
+    # The nets apply ReLUs and residual adds in place: their gradients still match finite differences.
+    decoder, encoder = (copy.deepcopy(net).double().requires_grad_(False) for net in (taef2.decoder, taef2.encoder))
+    small = torch.randn(1, 32, 2, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    assert torch.autograd.gradcheck(decoder, (small,), atol=1e-6)
+    pixels = torch.rand(1, 3, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(2), requires_grad=True)
+    assert torch.autograd.gradcheck(encoder, (pixels,), atol=1e-6)
     with pytest.raises(ValueError, match="multiple of the codec scale 8"):
         taef2.encode(torch.rand(1, 3, 36, 32))
     with pytest.raises(ValueError, match=r"latent \[B, 32, h, w\]"):

@@ -41,6 +41,19 @@ def test_eval_writes_per_image_and_mean_scores(tmp_path, tiny_ckpt):
     assert len(list((tmp_path / "fig").glob("*.png"))) == 2
 
 
+def test_held_out_pairs_are_those_every_leaves_out(tmp_path):
+    lr_dir, hr_dir = shared_path("data", "RealSR_crop128", "lr"), shared_path("data", "RealSR_crop128", "hr")
+    names = [n for n, _, _ in pair_files(lr_dir, hr_dir)]
+    scored = {}
+    for option in ("--every", "--held-out"):
+        out = tmp_path / f"{option}.json"
+        assert main(["eval", "--lr", str(lr_dir), "--hr", str(hr_dir), "--steps", "", option, "16", "--limit", "3",
+                     "--baselines", "bicubic", "--out", str(out)]) == 0
+        scored[option] = set(json.loads(out.read_text())["methods"]["bicubic"]["images"])
+    assert scored["--every"] == set(names[::16][:3])
+    assert scored["--held-out"] == set([n for i, n in enumerate(names) if i % 16][:3]) == set(names[1:4])
+
+
 def test_unpaired_lr_is_reported(tmp_path):
     (tmp_path / "lr").mkdir()
     (tmp_path / "hr").mkdir()

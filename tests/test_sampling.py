@@ -37,6 +37,28 @@ def test_shifted_sigmas_are_data():
     torch.testing.assert_close(sigmas_from_timesteps("999, 500,250"), torch.tensor([0.999, 0.5, 0.25, 0.0]))
 
 
+def test_end_ratio_keeps_the_steps_at_high_noise():
+    # 4 steps from 0.5 ending at 0.85 of it: the bundled model's grid, as explicit timesteps.
+    torch.testing.assert_close(shifted_sigmas(4, start=0.5, end_ratio=0.85), sigmas_from_timesteps("500,475,450,425"))
+    torch.testing.assert_close(shifted_sigmas(4, start=0.5, end_ratio=0.0), torch.linspace(0.5, 0, 5))
+    assert torch.equal(shifted_sigmas(1, start=0.5, end_ratio=0.85), shifted_sigmas(1, start=0.5))  # one step: unchanged
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="end ratio"):
+            UpscaleSettings(steps=2, end_ratio=bad)
+    # None = the model's own ratio, given by the upscaler at sampling time.
+    assert torch.equal(UpscaleSettings(steps=4).sigmas(0.85), UpscaleSettings(steps=4, end_ratio=0.85).sigmas())
+    assert torch.equal(UpscaleSettings(steps=4, end_ratio=0.0).sigmas(0.85), UpscaleSettings(steps=4).sigmas())
+
+
+def test_upscale_samples_on_the_models_own_grid():
+    up, image = tiny_upscaler(), torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    own = upscale(Upscaler(up.dit, up.codec, end_ratio=0.85), image, UpscaleSettings(steps=3, color_fix="none"))
+    explicit = upscale(up, image, UpscaleSettings(steps=3, end_ratio=0.85, color_fix="none"))
+    uniform = upscale(up, image, UpscaleSettings(steps=3, color_fix="none"))
+    assert torch.equal(own, explicit)  # the very same computation
+    assert (own - uniform).abs().max() > 1e-3
+
+
 @pytest.mark.parametrize("bad", ["500,750", "0", "1001", "a,b", ""])
 def test_bad_timesteps_are_refused(bad):
     with pytest.raises(ValueError, match="timesteps"):

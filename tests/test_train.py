@@ -315,3 +315,21 @@ def test_qwen_image_recipe_parses_with_its_three_files():
     assert (cfg.base, cfg.vae, cfg.context_file) == ("qwen.safetensors", "qwen_image_vae.safetensors", "features.safetensors")
     with pytest.raises(ValueError, match="cannot be combined with codec = 'taef2'"):
         parse_config(["--vae", "qwen_image_vae.safetensors", "--codec", "taef2"])
+
+
+def test_export_records_the_recommended_grid_and_keeps_the_origin(tmp_path):
+    from teasr_core.checkpoint import save_checkpoint
+    from teasr_core.pipeline import Upscaler
+    from train.export import main as export
+    trained = save_checkpoint(tmp_path / "step-00000010.safetensors", DualBranchDiT(preset("tiny")),
+                              {"name": "pixel", "scale": 4}, preset="tiny", training={"steps": 10})
+    first, second = tmp_path / "shipped.safetensors", tmp_path / "reshipped.safetensors"
+    export([str(trained), str(first)])
+    export([str(first), str(second), "--end-ratio", "0.85"])
+    meta = read_metadata(second)
+    assert meta["sampling"] == {"end_ratio": 0.85} and "sampling" not in read_metadata(first)
+    assert meta["training"] == {"steps": 10, "exported_from": trained.name}  # the trainer's file, not the copy
+    assert Upscaler.from_checkpoint(second).end_ratio == 0.85 and Upscaler.from_checkpoint(first).end_ratio == 0.0
+    assert all(torch.equal(a, b) for a, b in zip(load_file(first).values(), load_file(second).values()))
+    with pytest.raises(ValueError, match="end ratio"):
+        export([str(first), str(tmp_path / "bad.safetensors"), "--end-ratio", "1.5"])

@@ -1,11 +1,12 @@
 """Re-save a trained checkpoint for shipping: the same model in fp16 (half the bytes), metadata kept.
 
   python -m train.export runs/small-stage1/checkpoints/step-00001200.safetensors \
-      teasr_core/bundled/teasr-small.safetensors [--dtype fp16]
+      teasr_core/bundled/teasr-small.safetensors [--dtype fp16] [--end-ratio 0.85]
 
 The trainer writes fp32 checkpoints (EMA weights when on); the bundled default is the same file in
 fp16, which the loaders cast back to the compute dtype. The file loads in the CLI and the Loader
-like any checkpoint the trainer writes.
+like any checkpoint the trainer writes. `--end-ratio` records the sampling grid the model was
+measured best with (its `sampling` metadata); the samplers use it unless told otherwise.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from pathlib import Path
 import torch
 
 from teasr_core.checkpoint import load_checkpoint, save_checkpoint
+from teasr_core.sampling import shifted_sigmas
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -24,13 +26,19 @@ def main(argv=None) -> None:
     ap.add_argument("checkpoint", type=Path, help="a full checkpoint written by train.distill")
     ap.add_argument("out", type=Path)
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp16")
+    ap.add_argument("--end-ratio", type=float, help="recommended multi-step end ratio to record (default: keep "
+                                                   "the input's)")
     args = ap.parse_args(argv)
     loaded = load_checkpoint(args.checkpoint)
     if loaded.meta["kind"] != "full":
         raise SystemExit(f"{args.checkpoint} is a LoRA delta; export needs a full checkpoint")
-    training = {**loaded.meta.get("training", {}), "exported_from": args.checkpoint.name}
+    training = {"exported_from": args.checkpoint.name, **loaded.meta.get("training", {})}
+    sampling = dict(loaded.meta.get("sampling") or {})
+    if args.end_ratio is not None:
+        shifted_sigmas(2, end_ratio=args.end_ratio)  # validates it
+        sampling["end_ratio"] = args.end_ratio
     save_checkpoint(args.out, loaded.dit, loaded.codec, preset=loaded.meta.get("preset"), training=training,
-                    dtype=DTYPES[args.dtype])
+                    sampling=sampling, dtype=DTYPES[args.dtype])
     print(f"wrote {args.out} ({args.out.stat().st_size / 1e6:.1f} MB, {args.dtype})")
 
 
