@@ -28,6 +28,7 @@ from safetensors import SafetensorError, safe_open
 from . import __version__
 from .lora import BRANCHES, FP8, dual_lora_layers
 from .model import DiTConfig, DualBranchDiT
+from .sampling import check_end_ratio
 
 FORMAT_VERSION = 1
 METADATA_KEY = "teasr"
@@ -60,10 +61,11 @@ class TEASRCheckpoint:
     def end_ratio(self) -> float:
         """The sampling grid's end ratio the file recommends (0: uniform), see sampling.shifted_sigmas."""
         value = (self.meta.get("sampling") or {}).get("end_ratio", 0.0)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        try:
+            return check_end_ratio(value)
+        except ValueError:
             raise CheckpointError(f"the checkpoint's sampling metadata has end_ratio {value!r}; expected a number "
-                                  "in [0, 1) (re-export it with train.export --end-ratio)")
-        return float(value)
+                                  "in [0, 1) (re-export it with train.export --end-ratio)") from None
 
 
 # ---- reading safetensors without trusting them ------------------------------------------------

@@ -18,6 +18,13 @@ MAX_STEPS = 50
 
 
 # ---- schedules --------------------------------------------------------------------------------
+def check_end_ratio(end_ratio) -> float:
+    """An end ratio (see shifted_sigmas) as a float, or ValueError: a number in [0, 1)."""
+    if isinstance(end_ratio, bool) or not isinstance(end_ratio, (int, float)) or not 0 <= end_ratio < 1:
+        raise ValueError(f"end ratio must be a number in [0, 1), got {end_ratio!r}")
+    return float(end_ratio)
+
+
 def shifted_sigmas(steps: int, shift: float = 1.0, start: float = 1.0, end_ratio: float = 0.0) -> torch.Tensor:
     """steps + 1 sigmas from `start` down to 0 on a time-shifted grid (shift > 1: more high-noise).
 
@@ -31,9 +38,7 @@ def shifted_sigmas(steps: int, shift: float = 1.0, start: float = 1.0, end_ratio
         raise ValueError(f"start strength must be in (0, 1], got {start}")
     if shift <= 0:
         raise ValueError(f"shift must be > 0, got {shift}")
-    if not 0 <= end_ratio < 1:
-        raise ValueError(f"end ratio must be in [0, 1), got {end_ratio}")
-    if end_ratio and steps > 1:
+    if check_end_ratio(end_ratio) and steps > 1:
         t = torch.cat([torch.linspace(start, start * end_ratio, steps, dtype=torch.float64),
                        torch.zeros(1, dtype=torch.float64)])
     else:

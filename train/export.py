@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from teasr_core.checkpoint import load_checkpoint, save_checkpoint
-from teasr_core.sampling import shifted_sigmas
+from teasr_core.sampling import check_end_ratio
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -35,8 +35,7 @@ def main(argv=None) -> None:
     training = {"exported_from": args.checkpoint.name, **loaded.meta.get("training", {})}
     sampling = dict(loaded.meta.get("sampling") or {})
     if args.end_ratio is not None:
-        shifted_sigmas(2, end_ratio=args.end_ratio)  # validates it
-        sampling["end_ratio"] = args.end_ratio
+        sampling["end_ratio"] = check_end_ratio(args.end_ratio)
     save_checkpoint(args.out, loaded.dit, loaded.codec, preset=loaded.meta.get("preset"), training=training,
                     sampling=sampling, dtype=DTYPES[args.dtype])
     print(f"wrote {args.out} ({args.out.stat().st_size / 1e6:.1f} MB, {args.dtype})")
