@@ -6,9 +6,11 @@ the modulation layers get from the stacked `[emb(t), emb(t_target)]`, is the sam
 split=1, which is how each branch gets its own adaLN parameters.
 
 The base weight can be stored as fp8 e4m3 with one scale per output channel, so the stored model
-takes half the memory of bf16. On GPUs with fp8 matrix units (compute capability 8.9+: Ada, Hopper,
-Blackwell) the base product runs as a real fp8 matmul (`torch._scaled_mm`, the activations quantised
-per token); elsewhere, and for the backward pass, the weight is dequantised to the compute dtype.
+takes half the memory of bf16. It is dequantised per layer and multiplied in the compute dtype: the
+dequantisation writes the whole weight anyway, so the LoRA down-projections' rows are appended to it
+and computed in the same matmul (`fuse_down`). A real fp8 matmul (`torch._scaled_mm`, activations
+quantised per token) is an opt-in (`fp8_matmul`) on GPUs with fp8 units (compute capability 8.9+):
+per-row-scaled fp8 matmuls lost to bf16 at this model's sizes (BENCHMARKS.md, H200).
 """
 from __future__ import annotations
 
@@ -49,6 +51,39 @@ class _ScaledFP8Linear(torch.autograd.Function):
         return grad @ (weight.to(grad.dtype) * scale.to(grad.dtype)[:, None]), None, None
 
 
+class _BaseAndDown(torch.autograd.Function):
+    """x @ [W; A_1; ...]^T in one matmul, W an fp8 base dequantised into the stacked weight: the frozen
+    base product followed by the LoRA down-projections' columns. Backward: the input gradient in one
+    matmul through the stacked weight, each A's gradient from its own tokens only, never W's (frozen)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, scale, token_ranges, *downs):
+        dtype = x.dtype
+        rows = weight.shape[0]
+        stacked = torch.empty(rows + sum(a.shape[0] for a in downs), weight.shape[1], dtype=dtype, device=x.device)
+        torch.mul(weight.to(dtype), scale.to(dtype)[:, None], out=stacked[:rows])
+        start = rows
+        for a in downs:
+            stacked[start:start + a.shape[0]] = a
+            start += a.shape[0]
+        ctx.save_for_backward(x, stacked)
+        ctx.rows, ctx.token_ranges = rows, token_ranges
+        ctx.downs = [(a.shape[0], a.dtype) for a in downs]
+        return F.linear(x, stacked)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, stacked = ctx.saved_tensors
+        grad = grad.to(stacked.dtype)
+        grad_x = grad @ stacked if ctx.needs_input_grad[0] else None
+        grad_downs, start = [], ctx.rows
+        for (lo, hi), (rank, dtype) in zip(ctx.token_ranges, ctx.downs):
+            g, xs = grad[..., lo:hi, start:start + rank], x[..., lo:hi, :]
+            grad_downs.append((g.reshape(-1, rank).t() @ xs.reshape(-1, xs.shape[-1])).to(dtype))
+            start += rank
+        return grad_x, None, None, None, *grad_downs
+
+
 class DualLoRALinear(nn.Module):
     """y = W x + b, plus s_k * B_k A_k x on the tokens of branch k (k = noise, cond).
 
@@ -66,7 +101,8 @@ class DualLoRALinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype),
                                  requires_grad=False) if bias else None
         self.register_buffer("weight_scale", None)
-        self.fp8_matmul = True      # turned off for good if torch._scaled_mm refuses this layer
+        self.fp8_matmul = False     # opt-in (see the module's doc); turned off for good if _scaled_mm refuses a layer
+        self.fuse_down = True       # an fp8 base's dequantised weight carries the LoRA A rows (one matmul)
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
         self.ranks = tuple(ranks)
         self.alphas = tuple(alphas) if alphas is not None else tuple(float(r) for r in ranks)
@@ -96,26 +132,51 @@ class DualLoRALinear(nn.Module):
             return self.weight.to(dtype) * self.weight_scale.to(dtype)[:, None]
         return self.weight.to(dtype)
 
+    def active_branches(self, split: int | None, length: int) -> list[tuple[int, int, int]]:
+        """(branch, first token, end token) of each LoRA that changes the output here: present, scaled by
+        non-zero, and with tokens; a LoRA scaled by zero costs nothing."""
+        if split is None:
+            return []
+        return [(k, lo, hi) for k, (lo, hi) in enumerate(((0, split), (split, length)))
+                if getattr(self, f"lora_{BRANCHES[k]}_A") is not None and self.alphas[k] != 0 and hi > lo]
+
     def forward(self, x: torch.Tensor, split: int | None = None) -> torch.Tensor:
         """x: [..., L, in]. Tokens [0, split) take the noise LoRA, [split, L) the cond LoRA.
 
         split=None means "no branches here" (the text stream): base only.
         """
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        y = self._fp8_product(x, bias) if self.is_fp8 and self.fp8_matmul and fp8_matmul_available(x) else None
-        if y is None:
-            y = F.linear(x, self.base_weight(x.dtype), bias)
-        if split is None:
-            return y
-        length = x.shape[-2]
-        for branch, (lo, hi) in enumerate(((0, split), (split, length))):
-            a = getattr(self, f"lora_{BRANCHES[branch]}_A")
-            if a is None or hi <= lo:
-                continue
-            b = getattr(self, f"lora_{BRANCHES[branch]}_B")
-            delta = F.linear(F.linear(x[..., lo:hi, :], a.to(x.dtype)), b.to(x.dtype))
-            y[..., lo:hi, :] += self.lora_scale(branch) * delta
+        branches = self.active_branches(split, x.shape[-2])
+        if self.is_fp8 and self.fp8_matmul and fp8_matmul_available(x):
+            y = self._fp8_product(x, bias)
+            if y is not None:
+                return self._add_lora(y, x, branches)
+        if self.is_fp8 and self.fuse_down and branches:
+            return self._fused_product(x, bias, branches)
+        return self._add_lora(F.linear(x, self.base_weight(x.dtype), bias), x, branches)
+
+    def _add_lora(self, y: torch.Tensor, x: torch.Tensor, branches, downs=None) -> torch.Tensor:
+        """y plus s_k B_k h_k on each branch's tokens; h_k = A_k x unless given (`downs`, fused)."""
+        for i, (k, lo, hi) in enumerate(branches):
+            h = F.linear(x[..., lo:hi, :], getattr(self, f"lora_{BRANCHES[k]}_A").to(x.dtype)) if downs is None else downs[i]
+            delta = F.linear(h, getattr(self, f"lora_{BRANCHES[k]}_B").to(x.dtype))
+            y[..., lo:hi, :] += self.lora_scale(k) * delta
         return y
+
+    def _fused_product(self, x: torch.Tensor, bias, branches) -> torch.Tensor:
+        """The base product and the down-projections as one matmul on [W; A_noise; A_cond]."""
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        lo_hi = [(lo, hi) for _, lo, hi in branches]
+        downs = [getattr(self, f"lora_{BRANCHES[k]}_A") for k, _, _ in branches]
+        with torch.autocast(x.device.type, enabled=False):
+            out = _BaseAndDown.apply(x.to(dtype), self.weight, self.weight_scale, lo_hi, *downs)
+            y = out[..., :self.out_features]
+            y = y + bias.to(dtype) if bias is not None else y.contiguous()
+            start, hs = self.out_features, []
+            for (lo, hi), a in zip(lo_hi, downs):
+                hs.append(out[..., lo:hi, start:start + a.shape[0]])
+                start += a.shape[0]
+            return self._add_lora(y, x.to(dtype), branches, hs)
 
     def _fp8_product(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
         """The base product as a real fp8 matmul, or None (then never again for this layer) where

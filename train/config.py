@@ -64,6 +64,13 @@ class TrainConfig:
     bf16: bool = opt(True, "bf16 autocast on CUDA (fp32 on CPU regardless: without native bf16 - AVX2-only CPUs - "
                            "bf16 convolutions ran ~100x slower than fp32 here)")
     gradient_checkpointing: bool = opt(False, "recompute transformer blocks in backward (memory for time)")
+    compile_blocks: bool = opt(False, "torch.compile each transformer block (inside gradient checkpointing when on); "
+                                      "the first steps compile")
+    fuse_lora_down: bool = opt(True, "LoRA down-projections (A) of a dequantised fp8 base computed in the base's "
+                                     "matmul: A's rows appended to the weight the dequantisation writes anyway")
+    fp8_matmul: bool = opt(False, "fp8_base: run the base product as a real fp8 matmul (torch._scaled_mm, "
+                                  "activations quantised per token) on GPUs with fp8 units; off = dequantise per "
+                                  "layer and multiply in bf16 (faster at these sizes: BENCHMARKS.md)")
     context_file: str = opt("", "safetensors with a `context` [T, context_dim] tensor (e.g. the empty-prompt "
                                 "text features) for models with a text stream; presets without one use null_context")
 
@@ -77,6 +84,12 @@ class TrainConfig:
     batch: int = opt(4, "images per device per micro-batch")
     grad_accum: int = opt(1, "micro-batches per optimizer step (global batch = batch x grad_accum x world size)")
     ema_decay: float = opt(0.0, "EMA of the trained weights (e.g. 0.999); 0 = off. Checkpoints and samples use the EMA")
+    stack_passes: bool = opt(True, "TEASR: the passes without grad that do not depend on each other run as one call "
+                                   "on the batch dimension (5 passes in 2 calls); same losses and gradients")
+    backward_per_group: bool = opt(True, "TEASR: back-propagate each loss group right after its forward, so only one "
+                                         "pass's graph is alive; same gradients as one total backward")
+    checkpoint_decoder: bool = opt(True, "TEASR: recompute the codec decoder feeding the pixel terms in backward "
+                                         "instead of keeping its activations next to LPIPS's")
 
     # ---- data --------------------------------------------------------------------------------
     crop: int = opt(256, "HR crop side in pixels (the LR is crop / scale)")

@@ -44,6 +44,7 @@ from tqdm import tqdm
 from teasr_core.checkpoint import (CheckpointError, _is_delta_key, infer_qwen_image_config, load_checkpoint,
                                    load_qwen_image_base, read_metadata, save_checkpoint)
 from teasr_core.codecs import PixelCodec
+from teasr_core.lora import dual_lora_layers
 from teasr_core.model import DualBranchDiT, preset
 from teasr_core.pipeline import Upscaler, UpscaleSettings, codec_from_config, upscale
 from teasr_core.qwen_vae import load_vae_codec
@@ -189,7 +190,12 @@ def build_model(cfg: TrainConfig, device, seed: int) -> ModelSetup:
             p.data = p.data.to(dtype)
     if cfg.fp8_base:
         dit.quantize_base_fp8()
+    for _, layer in dual_lora_layers(dit):
+        layer.fuse_down, layer.fp8_matmul = cfg.fuse_lora_down, cfg.fp8_matmul
     dit.gradient_checkpointing = cfg.gradient_checkpointing
+    if cfg.compile_blocks:
+        for block in dit.transformer_blocks:
+            block.compile(dynamic=False)
     return ModelSetup(dit, codec, codec_config, name, load_context(cfg, dit, device))
 
 
@@ -327,6 +333,12 @@ class Trainer:
                                        for k in ("lr", "hr"))
 
     # ---- one optimizer step -------------------------------------------------------------------
+    @property
+    def _manual_grad_sync(self) -> bool:
+        """DDP with several backward calls per micro-batch (the TEASR objective's per-group backward): DDP's
+        reducer expects one backward per forward, so gradients accumulate locally and are averaged after."""
+        return self.env.world > 1 and not self.cfg.fsdp and self.cfg.objective == "teasr" and self.cfg.backward_per_group
+
     def _sync_context(self, last: bool):
         """Gradient all-reduce only on the last micro-batch."""
         if self.env.world == 1:
@@ -334,7 +346,7 @@ class Trainer:
         if self.cfg.fsdp:
             self.engine.set_requires_gradient_sync(last)
             return nullcontext()
-        return nullcontext() if last else self.engine.no_sync()
+        return nullcontext() if last and not self._manual_grad_sync else self.engine.no_sync()
 
     def train_step(self, batches: list) -> dict:
         """One optimizer step over this process's micro-batches; returns the log row.
@@ -361,10 +373,14 @@ class Trainer:
                         x0 = batch["x0"] if "x0" in batch else self.codec.encode(batch["hr"]).float()
                         cond = batch["cond"] if "cond" in batch else \
                             self.codec.encode(upsample_lr(batch["lr"], cfg.scale)).float()
-                    loss, terms = self.objective(self.net, x0, cond, batch["hr"], self.generator)
-                (loss / len(batches)).backward()
+                    loss, terms = self.objective(self.net, x0, cond, batch["hr"], self.generator,
+                                                 lambda part: (part / len(batches)).backward())
             for name, value in {"loss": loss.detach(), **terms}.items():
                 sums[name] = sums.get(name, 0) + value.float() / len(batches)
+        if self._manual_grad_sync:
+            for p in self.params:
+                if p.grad is not None:
+                    dist.all_reduce(p.grad, op=dist.ReduceOp.AVG)
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
         self.optimizer.step()

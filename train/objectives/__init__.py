@@ -1,7 +1,9 @@
 """Distillation objectives and what they share: the flow, random draws, and a forward-pass counter.
 
-An objective is called once per micro-batch as `objective(net, x0, cond, hr, generator)` and returns
-(loss to back-propagate, {term name: detached scalar}). `net(x, cond, sigma, sigma_target)` is the
+An objective is called once per micro-batch as `objective(net, x0, cond, hr, generator, backward)`; it
+back-propagates its losses itself through `backward(loss)` (which scales for the micro-batches: the
+TEASR objective may do so per loss group, so only one pass's graph is alive at a time) and returns
+(the weighted total, detached; {term name: detached scalar}). `net(x, cond, sigma, sigma_target)` is the
 trained DiT (behind DDP/FSDP when distributed) wrapped in a `PassCounter`. All randomness comes from
 `generator`, which the trainer re-seeds per (seed, micro-batch stream, step), so a resumed run draws
 exactly the noise an uninterrupted one would.
@@ -12,6 +14,7 @@ network returns the average velocity from sigma to sigma_target.
 from __future__ import annotations
 
 from collections import Counter
+from typing import NamedTuple
 
 import torch
 
@@ -26,10 +29,39 @@ class PassCounter:
     def __init__(self, model, counts: Counter, kind: str = "fwd", context: torch.Tensor | None = None):
         self.model, self.counts, self.kind, self.context = model, counts, kind, context
 
-    def __call__(self, x, cond, sigma, sigma_target):
-        self.counts[f"{self.kind}_{'grad' if torch.is_grad_enabled() else 'nograd'}"] += 1
+    def __call__(self, x, cond, sigma, sigma_target, passes: int = 1):
+        """`passes` > 1: independent passes stacked on the batch dimension (see `stacked`), counted as such."""
+        self.counts[f"{self.kind}_{'grad' if torch.is_grad_enabled() else 'nograd'}"] += passes
+        self.counts[f"calls_{self.kind}"] += 1   # network calls, stacked passes once
         context = None if self.context is None else self.context.expand(x.shape[0], -1, -1)
         return self.model(x, cond, sigma, sigma_target, context)
+
+
+class Pass(NamedTuple):
+    """The inputs of one network evaluation: net(x, cond, sigma, target)."""
+
+    x: torch.Tensor
+    cond: torch.Tensor
+    sigma: torch.Tensor
+    target: torch.Tensor
+
+
+def stacked(net, passes: list[Pass]) -> list[torch.Tensor]:
+    """Independent passes as ONE call on the batch dimension (fewer, fuller kernel launches), split back.
+
+    The model treats samples independently (per-sample timesteps, no batch statistics), so each
+    output equals its own call's to round-off.
+    """
+    if len(passes) == 1:
+        return [net(*passes[0])]
+    joined = Pass(*(torch.cat(parts) for parts in zip(*passes)))
+    out = net(*joined, passes=len(passes)) if isinstance(net, PassCounter) else net(*joined)
+    return list(out.split([p.x.shape[0] for p in passes]))
+
+
+def one_by_one(net, passes: list[Pass]) -> list[torch.Tensor]:
+    """The same passes as separate calls (the reference `stacked` is checked against)."""
+    return [net(*p) for p in passes]
 
 
 def per_sample(sigma: torch.Tensor) -> torch.Tensor:

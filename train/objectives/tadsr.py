@@ -164,7 +164,7 @@ class TadsrObjective:
         self.disc.requires_grad_(False)
         return loss.detach()
 
-    def __call__(self, net, x0, cond, hr, generator):
+    def __call__(self, net, x0, cond, hr, generator, backward):
         cfg = self.cfg
         teacher, encoder = self._teacher(net, "fwd"), self._teacher(net, "enc")
         b = x0.shape[0]
@@ -187,7 +187,8 @@ class TadsrObjective:
 
         total = cfg.w_reg * l_reg + cfg.w_hfsd * l_hfsd + cfg.w_gan * l_gan
         terms = {"reg": l_reg, "hfsd": l_hfsd, "gan": l_gan, "disc": l_disc}
-        return total, {k: v.detach() for k, v in terms.items()}
+        backward(total)
+        return total.detach(), {k: v.detach() for k, v in terms.items()}
 
     def state_dict(self) -> dict:
         return {"disc": self.disc.state_dict(), "disc_opt": self.disc_opt.state_dict()}

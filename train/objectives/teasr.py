@@ -16,7 +16,7 @@ difference of the two is the rectification signal. Per micro-batch:
     pixel    codec.decode + LPIPS on x_fake (no network pass)
 
 so 4 passes with grad and 2 * rcgm_substeps + 1 = 5 without (the precursor draws separate noise
-for L_adv and L_rect and needs 6). Sharing is exact: L_rect needs F(x', s', -s') at
+for L_adv and L_rect and needs 6); `stack_passes` runs the 5 as rcgm_substeps = 2 calls. Sharing is exact: L_rect needs F(x', s', -s') at
 x' = (1 - s') x_fake + s' n without grad, which is the value of L_adv's prediction when both use
 the same (s', n); only their noise draws become shared.
 
@@ -25,11 +25,101 @@ same "RNG" as the prediction trivially; the precursor restores the CUDA RNG stat
 """
 from __future__ import annotations
 
-import torch
-
+from functools import partial
 from typing import NamedTuple
 
-from . import gaussian_like, mse, noised, per_sample, sigma_weight, uniform
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from . import Pass, gaussian_like, mse, noised, one_by_one, per_sample, sigma_weight, stacked, uniform
+
+
+class Draw(NamedTuple):
+    """One term's random draw: the prediction is made at x_t from sigma to target; v_star = eps - x0."""
+
+    x_t: torch.Tensor
+    sigma: torch.Tensor
+    target: torch.Tensor
+    v_star: torch.Tensor
+
+    def as_pass(self, cond) -> Pass:
+        return Pass(self.x_t, cond, self.sigma, self.target)
+
+
+def draw_any(x0, generator, cfg) -> Draw:
+    """L_any's: sigma ~ U(0, 1) clamped to >= any_sigma_min, target ~ U(0, sigma - 1e-3)."""
+    b = x0.shape[0]
+    sigma = uniform(b, 0, 1, generator).clamp_min(cfg.any_sigma_min)
+    target = uniform(b, 0, 1, generator) * (sigma - 1e-3)
+    eps = gaussian_like(x0, generator)
+    return Draw(noised(x0, eps, sigma), sigma, target, eps - x0)
+
+
+def draw_e2e(x0, generator, cfg) -> Draw:
+    """L_e2e's: a start over all noise levels (a share exactly at sigma = 1), target 0 (see loss_e2e)."""
+    b = x0.shape[0]
+    sigma = uniform(b, *cfg.e2e_sigma_range, generator)
+    pure_noise = uniform(b, 0, 1, generator) < cfg.e2e_pure_noise_share
+    sigma = torch.where(pure_noise, torch.ones_like(sigma), sigma)
+    eps = gaussian_like(x0, generator)
+    return Draw(noised(x0, eps, sigma), sigma, torch.zeros_like(sigma), eps - x0)
+
+
+def draw_fm(x0, generator, cfg) -> Draw:
+    """L_FM's: sigma ~ U(0, 1), sigma_target = sigma - U(0, fm_gap * sigma)."""
+    b = x0.shape[0]
+    sigma = uniform(b, 0, 1, generator)
+    target = sigma - uniform(b, 0, cfg.fm_gap, generator) * sigma
+    eps = gaussian_like(x0, generator)
+    return Draw(noised(x0, eps, sigma), sigma, target, eps - x0)
+
+
+def draw_fake(like: torch.Tensor, generator, cfg) -> tuple[torch.Tensor, torch.Tensor]:
+    """L_adv's re-noising of the one-step sample (shaped like `like`): (sigma, z)."""
+    sigma = uniform(like.shape[0], *cfg.fake_sigma_range, generator)
+    return sigma, gaussian_like(like, generator)
+
+
+@torch.no_grad()
+def rcgm_displacements(call, chains: list[tuple[Draw, torch.Tensor]], dt: float, substeps: int,
+                       extra: list[Pass] = ()) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The displacement of every RCGM chain (see rcgm_target), all chains advanced together, and the
+    outputs of the `extra` independent passes, which join the chains' first call.
+
+    `call(passes) -> outputs` is `stacked` (one network call per sub-step) or `one_by_one`.
+    """
+    states = []
+    for draw, cond in chains:
+        start = torch.maximum(draw.sigma - dt, draw.target)
+        states.append([draw.x_t - dt * draw.v_star, torch.zeros_like(draw.x_t), start])  # exactly the path at sigma - dt
+    extra_out: list[torch.Tensor] = []
+    for i in range(substeps):
+        passes, steps = [], []
+        for (draw, cond), (x, _, start) in zip(chains, states):
+            s_cur = start + (draw.target - start) * (i / substeps)
+            s_next = start + (draw.target - start) * ((i + 1) / substeps)
+            passes.append(Pass(x, cond, s_cur, s_next))
+            steps.append(per_sample(s_cur - s_next))
+        todo = passes + (list(extra) if i == 0 else [])
+        if not todo:
+            break
+        out = call(todo)
+        for state, step, velocity in zip(states, steps, out):
+            state[0] = state[0] - step * velocity
+            state[1] = state[1] + step * velocity
+        if i == 0:
+            extra_out = out[len(passes):]
+    return [state[1] for state in states], extra_out
+
+
+def rcgm_combine(prediction, displacement, draw: Draw, dt: float) -> torch.Tensor:
+    """The RCGM target from the chain's displacement (see rcgm_target)."""
+    gap = draw.sigma - draw.target
+    far = gap >= dt
+    c_left = per_sample(torch.where(far, gap / dt, torch.ones_like(gap)))
+    c_right = per_sample(torch.where(far, torch.full_like(gap, 1 / dt), 1 / gap))
+    residual = c_left * prediction.detach() - c_right * displacement - draw.v_star
+    return prediction.detach() - residual.clamp(-1, 1)
 
 
 @torch.no_grad()
@@ -42,36 +132,17 @@ def rcgm_target(net, x_t, cond, v_star, sigma, target, prediction, dt: float, su
     from sg(prediction), so the loss gradient is the clamped residual. Intervals shorter than dt
     reduce to flow matching (R = F - v*).
     """
-    gap = sigma - target
-    start = torch.maximum(sigma - dt, target)
-    x = x_t - dt * v_star                       # exactly the path point at sigma - dt
-    displacement = torch.zeros_like(x_t)
-    for i in range(substeps):
-        s_cur = start + (target - start) * (i / substeps)
-        s_next = start + (target - start) * ((i + 1) / substeps)
-        step = per_sample(s_cur - s_next) * net(x, cond, s_cur, s_next)
-        x = x - step
-        displacement = displacement + step
-    far = gap >= dt
-    c_left = per_sample(torch.where(far, gap / dt, torch.ones_like(gap)))
-    c_right = per_sample(torch.where(far, torch.full_like(gap, 1 / dt), 1 / gap))
-    residual = c_left * prediction - c_right * displacement - v_star
-    return prediction.detach() - residual.clamp(-1, 1)
+    draw = Draw(x_t, sigma, target, v_star)
+    (displacement,), _ = rcgm_displacements(partial(one_by_one, net), [(draw, cond)], dt, substeps)
+    return rcgm_combine(prediction, displacement, draw, dt)
 
 
 def loss_any(net, x0, cond, generator, cfg) -> torch.Tensor:
-    """L_any: consistency of jumps between arbitrary noise levels, so any step count samples well.
-
-    sigma ~ U(0, 1) clamped to >= any_sigma_min, target ~ U(0, sigma - 1e-3).
-    """
-    b = x0.shape[0]
-    sigma = uniform(b, 0, 1, generator).clamp_min(cfg.any_sigma_min)
-    target = uniform(b, 0, 1, generator) * (sigma - 1e-3)
-    eps = gaussian_like(x0, generator)
-    x_t, v_star = noised(x0, eps, sigma), eps - x0
-    prediction = net(x_t, cond, sigma, target)
-    return mse(prediction, rcgm_target(net, x_t, cond, v_star, sigma, target, prediction,
-                                       cfg.rcgm_dt, cfg.rcgm_substeps), sigma_weight(sigma, cfg.sigma_weight_c))
+    """L_any: consistency of jumps between arbitrary noise levels, so any step count samples well."""
+    d = draw_any(x0, generator, cfg)
+    prediction = net(*d.as_pass(cond))
+    return mse(prediction, rcgm_target(net, d.x_t, cond, d.v_star, d.sigma, d.target, prediction,
+                                       cfg.rcgm_dt, cfg.rcgm_substeps), sigma_weight(d.sigma, cfg.sigma_weight_c))
 
 
 class OneStep(NamedTuple):
@@ -95,13 +166,8 @@ def loss_e2e(net, x0, cond, generator, cfg):
     x_t - sigma F keeps its gradient for the regression, rectification and pixel terms. With
     w_e2e = 0 only the jump is made (loss None): those terms still score it.
     """
-    b = x0.shape[0]
-    sigma = uniform(b, *cfg.e2e_sigma_range, generator)
-    pure_noise = uniform(b, 0, 1, generator) < cfg.e2e_pure_noise_share
-    sigma = torch.where(pure_noise, torch.ones_like(sigma), sigma)
-    target = torch.zeros_like(sigma)
-    eps = gaussian_like(x0, generator)
-    x_t, v_star = noised(x0, eps, sigma), eps - x0
+    d = draw_e2e(x0, generator, cfg)
+    x_t, sigma, target, v_star = d
     f_fake = net(x_t, cond, sigma, target)
     loss = None
     if cfg.w_e2e > 0:
@@ -113,13 +179,10 @@ def loss_e2e(net, x0, cond, generator, cfg):
 def loss_fm(net, x0, cond, generator, cfg) -> torch.Tensor:
     """L_FM: plain flow matching on short intervals, anchoring the real (positive-time) flow to data.
 
-    sigma ~ U(0, 1), sigma_target = sigma - U(0, fm_gap * sigma); target v* = eps - x0.
+    Drawn by draw_fm; the target is v* = eps - x0.
     """
-    b = x0.shape[0]
-    sigma = uniform(b, 0, 1, generator)
-    target = sigma - uniform(b, 0, cfg.fm_gap, generator) * sigma
-    eps = gaussian_like(x0, generator)
-    return mse(net(noised(x0, eps, sigma), cond, sigma, target), eps - x0, sigma_weight(sigma, cfg.sigma_weight_c))
+    d = draw_fm(x0, generator, cfg)
+    return mse(net(*d.as_pass(cond)), d.v_star, sigma_weight(d.sigma, cfg.sigma_weight_c))
 
 
 def loss_adv(net, x_fake, cond, generator, cfg):
@@ -131,14 +194,13 @@ def loss_adv(net, x_fake, cond, generator, cfg):
     Returns (loss, detached prediction, x', s) for L_rect, which reuses this pass.
     """
     fake = x_fake.detach()
-    sigma = uniform(fake.shape[0], *cfg.fake_sigma_range, generator)
-    z = gaussian_like(fake, generator)
+    sigma, z = draw_fake(fake, generator, cfg)
     x_noised = noised(fake, z, sigma)
     prediction = net(x_noised, cond, sigma, -sigma)
     return mse(prediction, z - fake, sigma_weight(sigma, cfg.sigma_weight_c)), prediction.detach(), x_noised, sigma
 
 
-def loss_rect(net, f_fake, fake_velocity, x_noised, sigma, cond, clamp: float = 0.0) -> torch.Tensor:
+def loss_rect(f_fake, fake_velocity, real_velocity, clamp: float = 0.0) -> torch.Tensor:
     """L_rect: push one-step samples from the fake toward the real distribution.
 
     dv = F(x', s, -s) - F(x', s, s) (both without grad; the fake one comes from L_adv's pass) is a
@@ -148,13 +210,13 @@ def loss_rect(net, f_fake, fake_velocity, x_noised, sigma, cond, clamp: float = 
     raw dv is large and noisy, and once it fits it vanishes; the clamp keeps each push bounded.
     """
     with torch.no_grad():
-        dv = fake_velocity - net(x_noised, cond, sigma, sigma)
+        dv = fake_velocity - real_velocity
         if clamp > 0:
             dv = dv.clamp(-clamp, clamp)
     return mse(f_fake, (f_fake - dv).detach())
 
 
-def loss_pixel(codec, lpips, x_fake, hr, sigma_e2e, weight_at_noise: float):
+def loss_pixel(codec, lpips, x_fake, hr, sigma_e2e, weight_at_noise: float, checkpoint_decoder: bool = False):
     """Pixel MSE (on [-1, 1] images) and LPIPS of the decoded one-step sample against the HR.
 
     Why: latent consistency alone says nothing about perceived detail; these anchor the one-step
@@ -162,8 +224,13 @@ def loss_pixel(codec, lpips, x_fake, hr, sigma_e2e, weight_at_noise: float):
     starts close to the data must reproduce it; how much a start from pure noise must is a choice
     (the precursor: not at all; super-resolution from one step at sigma = 1: fully, since that is
     the start the 1-step sampler uses). Returns per-term weighted means (LPIPS None when disabled).
+    checkpoint_decoder: the decoder's activations are recomputed in backward instead of kept, so
+    they and LPIPS's are not held at the same time (a 512² VAE decode holds gigabytes).
     """
-    image = codec.decode(x_fake).float()
+    if checkpoint_decoder and torch.is_grad_enabled():
+        image = checkpoint(codec.decode, x_fake, use_reentrant=False).float()
+    else:
+        image = codec.decode(x_fake).float()
     weight = 1 - (1 - weight_at_noise) * sigma_e2e.float()
     mse_per_image = (2 * (image - hr)).pow(2).flatten(1).mean(1)
     pix_mse = (weight * mse_per_image).mean()
@@ -193,13 +260,39 @@ class TeasrObjective:
     Terms weighted 0 are not computed (nor logged), so an ablation also saves their passes; L_adv's
     pass still runs, without grad, when only L_rect needs it. `lpips` is None when its weights are
     absent (the trainer logs that) or w_lpips = 0.
+
+    Two schedules of the same step, equal to round-off (tests/test_step_schedule.py):
+    - `stack_passes` / `backward_per_group` off: the terms one after the other, one total backward
+      (every pass's graph alive until the end);
+    - on: every random number drawn first (in the same order), then the passes without grad stacked on
+      the batch dimension (the RCGM chains of L_any and L_e2e advance together, L_rect's real flow and,
+      when it runs without grad, L_adv's fake flow join their first call: 5 passes in 2 calls), and each
+      loss group back-propagated right after its forward, so only one pass's graph (besides the
+      one-step jump's, which L_adv and L_rect still need) is alive at a time.
     """
 
     def __init__(self, cfg, codec, lpips):
         self.cfg, self.codec = cfg, codec
         self.lpips = lpips if cfg.w_lpips > 0 else None
 
-    def __call__(self, net, x0, cond, hr, generator):
+    def __call__(self, net, x0, cond, hr, generator, backward):
+        if self.cfg.stack_passes or self.cfg.backward_per_group:
+            return self._grouped(net, x0, cond, hr, generator, backward)
+        return self._sequential(net, x0, cond, hr, generator, backward)
+
+    def _pixel(self, one_sample, hr, sigma):
+        """{pix_mse, pix_lpips} of the one-step sample (empty when both are off)."""
+        cfg = self.cfg
+        if cfg.w_mse <= 0 and self.lpips is None:
+            return {}
+        pix_mse, pix_lpips = loss_pixel(self.codec, self.lpips, one_sample, hr, sigma, cfg.pixel_weight_at_noise,
+                                        cfg.checkpoint_decoder)
+        return {"pix_mse": pix_mse} if pix_lpips is None else {"pix_mse": pix_mse, "pix_lpips": pix_lpips}
+
+    def weighted(self, terms: dict) -> torch.Tensor:
+        return sum(getattr(self.cfg, f"w_{name.removeprefix('pix_')}") * value for name, value in terms.items())
+
+    def _sequential(self, net, x0, cond, hr, generator, backward):
         cfg = self.cfg
         terms = {}
         any_part, fm_part, one_part = batch_parts(x0.shape[0], cfg)
@@ -220,16 +313,84 @@ class TeasrObjective:
             if cfg.w_adv > 0:
                 terms["adv"] = l_adv
             if cfg.w_rect > 0:
-                terms["rect"] = loss_rect(net, one.velocity, fake_velocity, x_noised, sigma_fake, cond, cfg.rect_clamp)
-        total = sum(getattr(cfg, f"w_{name}") * value for name, value in terms.items())
-        if cfg.w_mse > 0 or self.lpips is not None:
-            pix_mse, pix_lpips = loss_pixel(self.codec, self.lpips, one.sample, hr, one.sigma, cfg.pixel_weight_at_noise)
-            terms["pix_mse"] = pix_mse
-            total = total + cfg.w_mse * pix_mse
-            if pix_lpips is not None:
-                terms["pix_lpips"] = pix_lpips
-                total = total + cfg.w_lpips * pix_lpips
-        return total, {k: v.detach() for k, v in terms.items()}
+                with torch.no_grad():
+                    real_velocity = net(x_noised, cond, sigma_fake, sigma_fake)
+                terms["rect"] = loss_rect(one.velocity, fake_velocity, real_velocity, cfg.rect_clamp)
+        terms.update(self._pixel(one.sample, hr, one.sigma))
+        total = self.weighted(terms)
+        backward(total)
+        return total.detach(), {k: v.detach() for k, v in terms.items()}
+
+    def _grouped(self, net, x0, cond, hr, generator, backward):
+        cfg = self.cfg
+        per_group = cfg.backward_per_group
+        call = partial(stacked if cfg.stack_passes else one_by_one, net)
+        any_part, fm_part, one_part = batch_parts(x0.shape[0], cfg)
+        # every draw first, in _sequential's order, so both schedules see the same noise
+        c_any, c_fm, c_one = cond[any_part], cond[fm_part], cond[one_part]
+        d_any = draw_any(x0[any_part], generator, cfg) if cfg.w_any > 0 else None
+        d_e2e = draw_e2e(x0[one_part], generator, cfg)
+        d_fm = draw_fm(x0[fm_part], generator, cfg) if cfg.w_fm > 0 else None
+        fake = cfg.w_adv > 0 or cfg.w_rect > 0
+        sigma_fake, z = draw_fake(x0[one_part], generator, cfg) if fake else (None, None)
+        hr = hr[one_part]
+        terms, pending = {}, []
+
+        def back(loss):   # per group now, or once with the rest at the end
+            if per_group:
+                backward(loss)
+            else:
+                pending.append(loss)
+
+        # the one-step jump: its graph stays until L_adv's pass has given L_rect its fake flow
+        f_fake = net(*d_e2e.as_pass(c_one))
+        velocity = f_fake.detach().requires_grad_() if per_group else f_fake
+        sample = d_e2e.x_t - per_sample(d_e2e.sigma) * velocity
+        x_noised = noised(sample.detach(), z, sigma_fake) if fake else None
+
+        # every pass without grad: the RCGM chains together, the real (and a no-grad fake) flow with them
+        chains = [(d, c) for d, c in ((d_any, c_any), (d_e2e if cfg.w_e2e > 0 else None, c_one)) if d is not None]
+        extra = [Pass(x_noised, c_one, sigma_fake, sigma_fake)] if cfg.w_rect > 0 else []
+        if fake and cfg.w_adv <= 0:
+            extra.append(Pass(x_noised, c_one, sigma_fake, -sigma_fake))
+        displacements, flows = rcgm_displacements(call, chains, cfg.rcgm_dt, cfg.rcgm_substeps, extra)
+        displacement = dict(zip([id(d) for d, _ in chains], displacements))
+
+        one = {}
+        if cfg.w_e2e > 0:
+            one["e2e"] = mse(velocity, rcgm_combine(velocity, displacement[id(d_e2e)], d_e2e, cfg.rcgm_dt),
+                             sigma_weight(d_e2e.sigma, cfg.sigma_weight_c))
+        if cfg.w_jump > 0:
+            one["jump"] = mse(velocity, d_e2e.v_star, sigma_weight(d_e2e.sigma, cfg.sigma_weight_c))
+        one.update(self._pixel(sample, hr, d_e2e.sigma))
+        if one:
+            back(self.weighted(one))        # frees the decoder's and LPIPS's graphs
+        terms.update(one)
+        if fake:
+            if cfg.w_adv > 0:
+                prediction = net(x_noised, c_one, sigma_fake, -sigma_fake)
+                terms["adv"] = mse(prediction, z - sample.detach(), sigma_weight(sigma_fake, cfg.sigma_weight_c))
+                back(cfg.w_adv * terms["adv"])
+                fake_velocity = prediction.detach()
+            else:
+                fake_velocity = flows[-1]
+            if cfg.w_rect > 0:
+                terms["rect"] = loss_rect(velocity, fake_velocity, flows[0], cfg.rect_clamp)
+                back(cfg.w_rect * terms["rect"])
+        if per_group and velocity.grad is not None:   # the jump's own backward, with every term's gradient
+            torch.autograd.backward(f_fake, velocity.grad)
+        if d_any is not None:
+            prediction = net(*d_any.as_pass(c_any))
+            terms["any"] = mse(prediction, rcgm_combine(prediction, displacement[id(d_any)], d_any, cfg.rcgm_dt),
+                               sigma_weight(d_any.sigma, cfg.sigma_weight_c))
+            back(cfg.w_any * terms["any"])
+        if d_fm is not None:
+            terms["fm"] = mse(net(*d_fm.as_pass(c_fm)), d_fm.v_star, sigma_weight(d_fm.sigma, cfg.sigma_weight_c))
+            back(cfg.w_fm * terms["fm"])
+        if pending:
+            backward(sum(pending))
+        terms = {k: v.detach() for k, v in terms.items()}
+        return self.weighted(terms), terms
 
     def state_dict(self) -> dict:
         return {}
