@@ -150,7 +150,7 @@ def test_fp8_base_within_bf16_tolerance():
 
 
 def test_fp8_base_runs_real_fp8_matmuls_where_the_device_has_them(monkeypatch, caplog):
-    """CUDA 8.9+ takes torch._scaled_mm (row-wise scales); this CPU runs the same kernel call when told to."""
+    """Opted in, CUDA 8.9+ takes torch._scaled_mm (row-wise scales); this CPU runs the same kernel call when told to."""
     torch.manual_seed(5)
     layer = DualLoRALinear(64, 48, ranks=(4, 4))
     with torch.no_grad():
@@ -163,6 +163,8 @@ def test_fp8_base_runs_real_fp8_matmuls_where_the_device_has_them(monkeypatch, c
     want.float().square().sum().backward()
 
     monkeypatch.setattr(lora_module, "fp8_matmul_available", lambda x: True)
+    assert not layer.fp8_matmul     # an opt-in: dequantised bf16 products were faster on the H200
+    layer.fp8_matmul = True
     fp8 = x.clone().requires_grad_()
     got = layer(fp8, 6)
     got.float().square().sum().backward()

@@ -228,12 +228,16 @@ def test_split_batch_gives_each_term_its_share():
         seen.append(x.shape[0])
         return torch.zeros_like(x)
 
-    cfg = replace(TrainConfig(), split_batch=True, w_lpips=0.0, batch=8)
     x0 = torch.randn(8, 4, 4, 4)
     codec = type("Identity", (), {"decode": staticmethod(lambda x: x)})
-    TeasrObjective(cfg, codec, None)(net, x0, x0.clone(), x0.clone(), torch.Generator())
+    cfg = replace(TrainConfig(), split_batch=True, w_lpips=0.0, batch=8, stack_passes=False, backward_per_group=False)
+    TeasrObjective(cfg, codec, None)(net, x0, x0.clone(), x0.clone(), torch.Generator(), lambda loss: None)
     # L_any 1 + 2 target passes on 2; L_e2e 1 + 2 on 4; L_FM 1 on 2; L_adv 1 and L_rect 1 on 4
     assert seen == [2, 2, 2, 4, 4, 4, 2, 4, 4]
+    seen.clear()    # the default schedule: the jump; both RCGM chains and L_rect's real flow stacked; L_adv; L_any; L_FM
+    TeasrObjective(replace(cfg, stack_passes=True, backward_per_group=True), codec, None)(
+        net, x0, x0.clone(), x0.clone(), torch.Generator(), lambda loss: None)
+    assert seen == [4, 2 + 4 + 4, 2 + 4, 4, 2, 2]
     with pytest.raises(ValueError, match="batch >= 4"):
         replace(TrainConfig(), split_batch=True, batch=2)
 
