@@ -22,6 +22,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from teasr_core.lora import dual_lora_layers  # noqa: E402
 from teasr_core.model import DualBranchDiT, count_parameters, preset  # noqa: E402
 
 
@@ -100,6 +101,11 @@ def time_forward(preset_name: str, side: int, context: int, lora_rank: int, *, f
     with torch.inference_mode():
         seconds = timed(partial(ours, x, cond, sigma, target, ctx), 2, iters, device)
     add("teasr dual-branch" + (" fp8" if fp8 else ""), ours, seconds)
+    if fp8:   # the opt-in real fp8 matmul (torch._scaled_mm) where the GPU has fp8 units, same model
+        for _, layer in dual_lora_layers(ours):
+            layer.fp8_matmul = True
+        with torch.inference_mode():
+            add("teasr dual-branch fp8 scaled_mm", ours, timed(partial(ours, x, cond, sigma, target, ctx), 2, iters, device))
     del ours                                                # room for the second 20 B model
     if comfy:
         ref = comfy_model(cfg, device, dtype)

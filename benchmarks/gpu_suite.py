@@ -11,8 +11,11 @@ plus a few carried git-ignored folders. So:
 Steps (GPU shapes; --smoke shrinks them):
   forward         (a) qwen-image forward at 1024^2 output (4096 noise + 4096 LR + 32 context tokens), bf16,
                       dual LoRA rank 128 active, and ComfyUI's QwenImageTransformer2DModel fed 8192 + 32 tokens
-  forward_fp8     (b) the same forward with the fp8-stored base (ours only; compared with (a)'s ComfyUI time)
-  train_step      (c) one TEASR distillation step, qwen-image, 512^2, rank 128 per branch, fp8 base: memory, s/step
+  forward_fp8     (b) the same forward with the fp8-stored base (ours only; compared with (a)'s ComfyUI time):
+                      dequantised per layer into bf16 matmuls (the default), then torch._scaled_mm (opt-in)
+  train_step      (c) one TEASR distillation step, qwen-image, 512^2, rank 128 per branch, fp8 base: memory, s/step,
+                      before (the 2026-11-30 step) / after (the default options) / after + torch.compile per
+                      block, one model; a profile of one step each (compute, copies, idle, decode, LPIPS)
   teasr_vs_tadsr  (d) TEASR vs TAD-SR steps, `base` preset, 512^2, rank 64: memory and s/step of both
   upscale         (e) the bundled default's whole upscale at 1 and 4 steps, 1024^2 and 2048^2 output
 
@@ -55,12 +58,13 @@ class Step:
 
 
 STEPS = (
-    Step("forward", 110, "qwen-image forward, 1024² output (4096 noise + 4096 LR + 32 context tokens), bf16, "
+    Step("forward", 100, "qwen-image forward, 1024² output (4096 noise + 4096 LR + 32 context tokens), bf16, "
                          "dual LoRA rank 128 active; ComfyUI's QwenImageTransformer2DModel fed 8192 + 32 tokens"),
-    Step("forward_fp8", 80, "the same forward, fp8-stored base"),
-    Step("train_step", 130, "one TEASR step, qwen-image, 512², LoRA rank 128 per branch, fp8 base, grad checkpointing"),
-    Step("teasr_vs_tadsr", 80, "TEASR vs TAD-SR step, `base` preset, 512², LoRA rank 64"),
-    Step("upscale", 60, "bundled default, whole upscale (untiled), 1 and 4 steps"),
+    Step("forward_fp8", 70, "the same forward, fp8-stored base: dequantised to bf16 / torch._scaled_mm (opt-in)"),
+    Step("train_step", 210, "one TEASR step, qwen-image, 512², LoRA rank 128 per branch, fp8 base, grad checkpointing: "
+                            "before / after / after + torch.compile per block"),
+    Step("teasr_vs_tadsr", 60, "TEASR vs TAD-SR step, `base` preset, 512², LoRA rank 64"),
+    Step("upscale", 30, "bundled default, whole upscale (untiled), 1 and 4 steps"),
 )
 SHAPES = {
     False: dict(forward=("qwen-image", 128, 32, 128, 5), train=("qwen-image", 512, 128), versus=("base", 512, 64),
@@ -97,13 +101,19 @@ def run_step(name: str, smoke: bool, record: Partial) -> None:
         result = time_forward(preset_name, side, context, rank, fp8=name == "forward_fp8", comfy=name == "forward",
                               iters=iters, on_row=lambda row: record.append("rows", row))
         record.update(**result)
-    elif name in ("train_step", "teasr_vs_tadsr"):
+    elif name == "train_step":
+        from train.bench_step import VARIANTS, compare_variants
+        preset_name, resolution, rank = shape["train"]
+        variants = {k: v for k, v in VARIANTS.items() if not (smoke and v.get("compile_blocks"))}  # CPU: no compiler run
+        record.update(preset=preset_name, resolution=resolution, rank=rank, fp8=True, grad_ckpt=True)
+        compare_variants(preset_name, resolution, device=device, rank=rank, variants=variants, warmup=shape["warmup"],
+                         repeat=shape["repeat"], on_result=lambda r: record.append("results", r))
+    elif name == "teasr_vs_tadsr":
         from train.bench_step import compare
-        preset_name, resolution, rank = shape["train" if name == "train_step" else "versus"]
-        options = dict(fp8=True, grad_ckpt=True, objectives=("teasr",)) if name == "train_step" else {}
-        record.update(preset=preset_name, resolution=resolution, rank=rank, **options)
+        preset_name, resolution, rank = shape["versus"]
+        record.update(preset=preset_name, resolution=resolution, rank=rank)
         compare(preset_name, resolution, device=device, rank=rank, warmup=shape["warmup"], repeat=shape["repeat"],
-                on_result=lambda r: record.append("results", r), **options)
+                on_result=lambda r: record.append("results", r))
     elif name == "upscale":
         from bench_upscale import time_upscale
         from teasr_core.pipeline import Upscaler
@@ -174,6 +184,7 @@ def prepare(wheels: Path) -> None:
 # ---- the suite ------------------------------------------------------------------------------------
 def run_suite(out: Path, smoke: bool, budget_s: float, wheels: Path) -> dict:
     env = dict(os.environ) if smoke else bring_dependencies(wheels)
+    env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")   # less fragmentation across the passes
     work = out.with_suffix(".steps")
     work.mkdir(parents=True, exist_ok=True)
     report = {"date": datetime.date.today().isoformat(), "smoke": smoke, "steps": {}}
@@ -213,6 +224,11 @@ def _gb_s(r: dict) -> str:
     return f"{r['peak_GB']:.1f} GB, {r['sec_per_step']:.2f} s/step"
 
 
+def _profile(p: dict) -> str:
+    return (f"compute {p['compute_s']:.2f} s, copies {p['copies_s']:.2f} s, idle {p['idle_s']:.2f} s, "
+            f"decode {p['decode_s']:.2f} s, LPIPS {p['lpips_s']:.2f} s")
+
+
 def benchmark_rows(report: dict) -> list[str]:
     """BENCHMARKS.md table rows (what | measured | goal), one per step, from a suite report."""
     steps = report["steps"]
@@ -225,7 +241,8 @@ def benchmark_rows(report: dict) -> list[str]:
 
     rows = []
     forward = {r["model"].split()[0]: r["seconds"] for r in get("forward").get("rows", [])}
-    fp8 = {r["model"].split()[0]: r["seconds"] for r in get("forward_fp8").get("rows", [])}
+    fp8 = {("scaled_mm" if "scaled_mm" in r["model"] else r["model"].split()[0]): r["seconds"]
+           for r in get("forward_fp8").get("rows", [])}
     text = ", ".join(f"{k} {v:.3f} s" for k, v in forward.items())
     if {"teasr", "comfyui"} <= forward.keys():
         text += f" (ComfyUI / ours = {forward['comfyui'] / forward['teasr']:.2f})"
@@ -233,10 +250,16 @@ def benchmark_rows(report: dict) -> list[str]:
     text = f"ours {fp8['teasr']:.3f} s" if "teasr" in fp8 else ""
     if "teasr" in fp8 and "comfyui" in forward:
         text += f" (ComfyUI / ours = {forward['comfyui'] / fp8['teasr']:.2f})"
-    rows.append(f"| {STEPS[1].what} | {where} | {cell('forward_fp8', text)} | ≤ 0.35 s (naive fp8 store: 0.49 s) |")
-    results = get("train_step").get("results", [])
-    rows.append(f"| {STEPS[2].what} | {where} | {cell('train_step', _gb_s(results[0]) if results else '')} | "
-                "≤ 36 GB, ≤ 2.0 s/step (naive: 40.3 GB, 2.90 s) |")
+    if "teasr" in fp8 and "teasr" in forward:
+        text += f", bf16 / fp8 = {forward['teasr'] / fp8['teasr']:.2f}"
+    if "scaled_mm" in fp8:
+        text += f"; _scaled_mm {fp8['scaled_mm']:.3f} s"
+    rows.append(f"| {STEPS[1].what} | {where} | {cell('forward_fp8', text)} | no slower than bf16 (2026-11-30: "
+                "_scaled_mm 0.488 s vs bf16 0.412 s) |")
+    text = "; ".join(f"{r['variant']}: {_gb_s(r)}" + (f" [{_profile(r['profile'])}]" if "profile" in r else "")
+                     for r in get("train_step").get("results", []))
+    rows.append(f"| {STEPS[2].what} | {where} | {cell('train_step', text)} | "
+                "≤ 36 GB, ≤ 2.0 s/step (2026-11-30: 39.2 GB, 9.13 s) |")
     results = {r["objective"]: r for r in get("teasr_vs_tadsr").get("results", [])}
     text = "; ".join(f"{k}: {_gb_s(r)}" for k, r in results.items())
     if {"teasr", "tadsr"} <= results.keys():

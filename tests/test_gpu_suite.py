@@ -24,13 +24,17 @@ def test_smoke_runs_every_step_and_prints_the_rows(tmp_path):
     assert list(report["steps"]) == [step.name for step in gpu_suite.STEPS]
     steps = {name: entry["result"] for name, entry in report["steps"].items()}
     assert [r["model"] for r in steps["forward"]["rows"]] == ["teasr dual-branch", "comfyui QwenImageTransformer2DModel"]
-    assert [r["model"] for r in steps["forward_fp8"]["rows"]] == ["teasr dual-branch fp8"]
-    assert [r["objective"] for r in steps["train_step"]["results"]] == ["teasr"]
+    assert [r["model"] for r in steps["forward_fp8"]["rows"]] == ["teasr dual-branch fp8", "teasr dual-branch fp8 scaled_mm"]
+    results = steps["train_step"]["results"]       # torch.compile is measured on the GPU only
+    assert [r["variant"] for r in results] == ["before", "after"]
+    assert [r["passes"] for r in results] == ["calls_fwd=9 fwd_grad=4 fwd_nograd=5", "calls_fwd=6 fwd_grad=4 fwd_nograd=5"]
+    assert all(r["profile"]["wall_s"] > 0 and r["profile"]["lpips_s"] > 0 for r in results)
     assert [r["objective"] for r in steps["teasr_vs_tadsr"]["results"]] == ["teasr", "tadsr"]
     assert [r["output"] for r in steps["upscale"]["results"]] == [32, 64]
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| ")][1:]   # after the header
     assert len(rows) == len(gpu_suite.STEPS) and all(f"cpu, {report['date']}" in row for row in rows)
     assert "ComfyUI / ours = " in rows[0] and "memory TEASR / TAD-SR = " in rows[3]
+    assert "_scaled_mm " in rows[1] and "before: " in rows[2] and "after: " in rows[2] and "LPIPS " in rows[2]
 
 
 def test_rows_say_which_steps_did_not_finish():

@@ -20,11 +20,14 @@ import argparse
 import gc
 import statistics
 import tempfile
+import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from teasr_core.lora import dual_lora_layers
 from teasr_core.model import preset
 from teasr_core.text_features import save_text_features
 
@@ -76,6 +79,84 @@ def compare(preset_name: str, resolution: int, *, device: torch.device, batch: i
             results.append(bench(cfg, device, warmup, repeat))
             if on_result:
                 on_result(results[-1])
+    return results
+
+
+# the step as measured on the H200 on 2026-11-30, and what each option of the faster step adds to it
+BEFORE = dict(stack_passes=False, backward_per_group=False, checkpoint_decoder=False, fuse_lora_down=False,
+              fp8_matmul=True)
+VARIANTS = {"before": BEFORE, "after": {}, "after+compile": dict(compile_blocks=True)}
+
+
+def apply_options(trainer: Trainer, cfg: TrainConfig) -> None:
+    """Switch a built trainer to `cfg`'s step options (schedule, LoRA products, compiled blocks)."""
+    trainer.cfg = trainer.objective.cfg = cfg
+    for _, layer in dual_lora_layers(trainer.dit):
+        layer.fuse_down, layer.fp8_matmul = cfg.fuse_lora_down, cfg.fp8_matmul
+    if cfg.compile_blocks:
+        for block in trainer.dit.transformer_blocks:
+            block.compile(dynamic=False)
+
+
+def profile_step(trainer: Trainer, batch) -> dict:
+    """Seconds of one step by kind: compute kernels, copies (memcpy/memset), idle (wall minus busy), and
+    the codec decode and LPIPS (their kernels, from the objective's named ranges)."""
+    from torch.profiler import ProfilerActivity, profile
+    cuda = trainer.env.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        start = time.perf_counter()
+        trainer.train_step([batch])
+        wall = time.perf_counter() - start
+    compute = copies = 0.0
+    ranges = {}
+    for e in prof.key_averages():
+        if e.key in ("teasr.decode", "teasr.lpips"):
+            ranges[e.key.removeprefix("teasr.")] = (e.device_time_total if cuda else e.cpu_time_total) / 1e6
+        elif cuda and e.device_type.name == "CUDA":
+            kind = "copy" if any(w in e.key for w in ("Memcpy", "Memset", "copy_kernel")) else "compute"
+            seconds = e.self_device_time_total / 1e6
+            copies, compute = (copies + seconds, compute) if kind == "copy" else (copies, compute + seconds)
+    if not cuda:   # the CPU runs its kernels in the step's own thread: no device timeline to split
+        compute = wall
+    return {"wall_s": wall, "compute_s": compute, "copies_s": copies, "idle_s": max(0.0, wall - compute - copies),
+            "decode_s": ranges.get("decode", 0.0), "lpips_s": ranges.get("lpips", 0.0)}
+
+
+def compare_variants(preset_name: str, resolution: int, *, device: torch.device, rank: int = 128, fp8: bool = True,
+                     grad_ckpt: bool = True, variants: dict = VARIANTS, pixel_scale: int = 8, context_tokens: int = 32,
+                     warmup: int = 1, repeat: int = 2, profile: bool = True, on_result=None) -> list[dict]:
+    """The TEASR step under each variant's options, one model built once (a 20 B model takes long to
+    build): seconds and peak memory, and a profile of one step per variant (compiled variants after
+    their warm-up). `on_result` sees each result as it comes."""
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        context_file = ""
+        context_dim = preset(preset_name).context_dim
+        if context_dim:
+            context_file = str(save_text_features(Path(tmp) / "context.safetensors",
+                                                  torch.randn(context_tokens, context_dim)))
+        base = TrainConfig(preset=preset_name, crop=resolution, batch=1, pixel_scale=pixel_scale, fp8_base=fp8,
+                           gradient_checkpointing=grad_ckpt, base_dtype="bf16" if device.type == "cuda" else "fp32",
+                           context_file=context_file, sample_every=0, out=tmp, full_finetune=False,
+                           lora_ranks=(rank, rank))
+        trainer = Trainer(base, Dist(device=device))
+        generator = torch.Generator(device).manual_seed(0)
+        hr = torch.rand(1, 3, resolution, resolution, generator=generator, device=device)
+        batch = (F.avg_pool2d(hr, 4), hr)
+        for name, overrides in variants.items():
+            apply_options(trainer, replace(base, **overrides))
+            rows = [trainer.train_step([batch]) for _ in range(warmup + repeat)][warmup:]
+            result = {"objective": "teasr", "variant": name, "options": overrides,
+                      "passes": " ".join(f"{k}={v}" for k, v in rows[-1].items() if k.startswith(("fwd_", "calls_"))),
+                      "sec_per_step": statistics.median(r["sec_per_step"] for r in rows),
+                      "peak_GB": max(r.get("peak_mem_mb", r.get("peak_rss_mb", 0)) for r in rows) / 1024,
+                      "lpips": trainer.lpips is not None}
+            if profile:
+                result["profile"] = profile_step(trainer, batch)
+            results.append(result)
+            if on_result:
+                on_result(result)
     return results
 
 

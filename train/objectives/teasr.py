@@ -227,16 +227,17 @@ def loss_pixel(codec, lpips, x_fake, hr, sigma_e2e, weight_at_noise: float, chec
     checkpoint_decoder: the decoder's activations are recomputed in backward instead of kept, so
     they and LPIPS's are not held at the same time (a 512² VAE decode holds gigabytes).
     """
-    if checkpoint_decoder and torch.is_grad_enabled():
-        image = checkpoint(codec.decode, x_fake, use_reentrant=False).float()
-    else:
-        image = codec.decode(x_fake).float()
+    with torch.profiler.record_function("teasr.decode"):     # named for the GPU suite's profile
+        if checkpoint_decoder and torch.is_grad_enabled():
+            image = checkpoint(codec.decode, x_fake, use_reentrant=False).float()
+        else:
+            image = codec.decode(x_fake).float()
     weight = 1 - (1 - weight_at_noise) * sigma_e2e.float()
     mse_per_image = (2 * (image - hr)).pow(2).flatten(1).mean(1)
     pix_mse = (weight * mse_per_image).mean()
     if lpips is None:
         return pix_mse, None
-    with torch.autocast(image.device.type, enabled=False):  # LPIPS in fp32
+    with torch.autocast(image.device.type, enabled=False), torch.profiler.record_function("teasr.lpips"):  # in fp32
         return pix_mse, (weight * lpips(image, hr)).mean()
 
 

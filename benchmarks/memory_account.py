@@ -1,0 +1,164 @@
+"""Memory account of the `qwen-image` TEASR step, measured on the CPU with 2 and 4 blocks, extrapolated.
+
+    OMP_NUM_THREADS=2 python benchmarks/memory_account.py --resolution 128
+
+The same trainer step as the GPU suite's (`Trainer.train_step`: LoRA rank 128 per branch, fp8-stored
+base, gradient checkpointing, LPIPS on, bf16 autocast as on CUDA) at the 20B width (3072 wide, 24
+heads, context 3584, 32 context tokens), with 2 and 4 blocks, each in its own process, once with the
+old schedule (terms one after the other, one total backward) and once with the new one (stacked
+no-grad passes, per-group backward, decoder checkpointed). Large allocations go straight to mmap
+(MALLOC_MMAP_THRESHOLD_), so the process's resident set follows the live tensors; a thread samples
+it every 2 ms during the step.
+
+Account: the step's extra memory E(d) = peak RSS during the step - RSS before it. Per block
+b = (E(4) - E(2)) / 2, the rest f = E(2) - 2 b. Of these, the LoRA gradients and AdamW states (12
+bytes per trained parameter) do not grow with the image; the activations do, linearly in tokens with
+flash attention, so they are scaled from this resolution's tokens to 512²'s. Prediction for 60 blocks
+= frozen weights (blocks fp8, the rest bf16) + trained fp32 weights + their gradients and AdamW states
++ 60 b_act k + f_act k (k = token ratio). The pixel codec stands in for the VAE (as in train.bench_step):
+a real VAE decoder's activations are not in the account.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+SCHEDULES = {"old": dict(stack_passes=False, backward_per_group=False, checkpoint_decoder=False, fuse_lora_down=False),
+             "new": dict(stack_passes=True, backward_per_group=True, checkpoint_decoder=True, fuse_lora_down=True)}
+GPU_TOKENS = (512 // 16) ** 2 * 2 + 32      # 512² with an f8 VAE and patch 2: 1024 noise + 1024 LR + 32 context
+H200_MEASURED_GB = 39.2                     # BENCHMARKS.md, gpu_suite 2026-11-30 (old schedule)
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class PeakSampler(threading.Thread):
+    """The largest resident set seen while running (sampled; torch's kernels release the GIL)."""
+
+    def __init__(self, every_s: float = 0.002):
+        super().__init__(daemon=True)
+        self.every_s, self.peak, self.running = every_s, rss_bytes(), True
+
+    def run(self):
+        while self.running:
+            self.peak = max(self.peak, rss_bytes())
+            time.sleep(self.every_s)
+
+    def stop(self) -> int:
+        self.running = False
+        self.join()
+        return max(self.peak, rss_bytes())
+
+
+def measure(depth: int, schedule: str, resolution: int, rank: int) -> dict:
+    """One step in this process (its own allocator state); the bytes the account needs."""
+    import torch
+    import torch.nn.functional as F
+    from teasr_core import model as model_module
+    from teasr_core.text_features import save_text_features
+    from train.config import TrainConfig
+    from train.distill import Dist, Trainer
+
+    name = f"qwen-image-{depth}"
+    model_module.PRESETS[name] = replace(model_module.PRESETS["qwen-image"], depth=depth)
+    with tempfile.TemporaryDirectory() as tmp:
+        context = save_text_features(Path(tmp) / "context.safetensors", torch.randn(32, 3584))
+        cfg = TrainConfig(preset=name, crop=resolution, batch=1, pixel_scale=8, full_finetune=False,
+                          lora_ranks=(rank, rank), fp8_base=True, gradient_checkpointing=True, context_file=str(context),
+                          sample_every=0, out=tmp, device="cpu", **SCHEDULES[schedule])
+        trainer = Trainer(cfg, Dist(device=torch.device("cpu")))
+        trainer.autocast_enabled = True       # bf16 autocast, as the step runs on CUDA
+        if trainer.lpips is None:
+            raise SystemExit("LPIPS weights are missing (python -m teasr_core.eval.prepare): the account needs them")
+        g = torch.Generator().manual_seed(0)
+        hr = torch.rand(1, 3, resolution, resolution, generator=g)
+        batch = (F.avg_pool2d(hr, 4), hr)
+        dit = trainer.dit
+        trained = sum(p.numel() for p in trainer.params)
+        block_trained = sum(p.numel() for p in dit.transformer_blocks[0].parameters() if p.requires_grad)
+        block_frozen = sum(p.numel() * p.element_size() for p in dit.transformer_blocks[0].parameters()
+                           if not p.requires_grad) + sum(b.numel() * b.element_size() for b in dit.transformer_blocks[0].buffers())
+        rest_frozen = sum(p.numel() for n, p in dit.named_parameters()
+                          if not p.requires_grad and not n.startswith("transformer_blocks."))
+        lpips_bytes = sum(p.numel() * p.element_size() for p in trainer.lpips.parameters())
+        before = rss_bytes()
+        sampler = PeakSampler()
+        sampler.start()
+        row = trainer.train_step([batch])
+        peak = sampler.stop()
+    tokens = 2 * (resolution // 16) ** 2 + 32
+    return {"depth": depth, "schedule": schedule, "resolution": resolution, "tokens": tokens,
+            "extra_bytes": peak - before, "seconds": row["sec_per_step"], "trained": trained,
+            "block_trained": block_trained, "block_frozen_bytes": block_frozen, "rest_frozen": rest_frozen,
+            "lpips_bytes": lpips_bytes, "passes": {k: v for k, v in row.items() if k.startswith(("fwd_", "calls_"))}}
+
+
+def account(runs: dict, depth: int = 60) -> dict:
+    """The prediction for `depth` blocks at 512² from the 2- and 4-block runs of one schedule."""
+    two, four = runs[2], runs[4]
+    k = GPU_TOKENS / two["tokens"]
+    per_block = (four["extra_bytes"] - two["extra_bytes"]) / 2
+    rest = two["extra_bytes"] - 2 * per_block
+    trained_block, trained_rest = two["block_trained"], two["trained"] - 2 * two["block_trained"]
+    block_act = per_block - 12 * trained_block          # minus LoRA gradient + 2 AdamW states (fp32)
+    rest_act = rest - 12 * trained_rest
+    trained = trained_rest + depth * trained_block
+    weights = depth * two["block_frozen_bytes"] + 2 * two["rest_frozen"] + 4 * trained + two["lpips_bytes"]
+    states = 12 * trained
+    activations = k * (depth * block_act + rest_act)
+    return {"token_ratio": k, "per_block_GB": per_block / 1e9, "block_act_GB": block_act / 1e9,
+            "rest_act_GB": rest_act / 1e9, "weights_GB": weights / 1e9, "grads_and_adam_GB": states / 1e9,
+            "activations_512_GB": activations / 1e9, "predicted_GB": (weights + states + activations) / 1e9,
+            "seconds": {d: r["seconds"] for d, r in runs.items()}, "passes": four["passes"]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(prog="python benchmarks/memory_account.py", description=__doc__.splitlines()[0])
+    ap.add_argument("--resolution", type=int, default=128, help="HR side on the CPU (512 on the GPU)")
+    ap.add_argument("--rank", type=int, default=128)
+    ap.add_argument("--schedules", default="old,new")
+    ap.add_argument("--one", nargs=2, metavar=("DEPTH", "SCHEDULE"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.one:
+        print(json.dumps(measure(int(args.one[0]), args.one[1], args.resolution, args.rank)))
+        return
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "PYTHONPATH": str(REPO)}
+    results = {}
+    for schedule in args.schedules.split(","):
+        runs = {}
+        for depth in (2, 4):
+            done = subprocess.run([sys.executable, __file__, "--one", str(depth), schedule, "--resolution",
+                                   str(args.resolution), "--rank", str(args.rank)], env=env, capture_output=True,
+                                  text=True, check=False)
+            if done.returncode:
+                raise SystemExit(done.stderr[-3000:])
+            runs[depth] = json.loads(done.stdout.strip().splitlines()[-1])
+            print(f"{schedule} {depth} blocks: step extra {runs[depth]['extra_bytes'] / 1e9:.3f} GB, "
+                  f"{runs[depth]['seconds']:.1f} s, {runs[depth]['passes']}", flush=True)
+        results[schedule] = account(runs)
+    print(f"\nqwen-image TEASR step, {args.resolution}² on the CPU ({runs[2]['tokens']} tokens) -> 512² "
+          f"({GPU_TOKENS} tokens), 60 blocks, rank {args.rank}, fp8 base, grad checkpointing, LPIPS on:")
+    print(f"{'schedule':<9}{'per block':>10}{'block act':>10}{'rest act':>9}{'weights':>9}{'grad+Adam':>10}"
+          f"{'act@512²':>9}{'predicted':>10}   (GB; H200 measured, old schedule: {H200_MEASURED_GB} GB)")
+    for schedule, r in results.items():
+        print(f"{schedule:<9}{r['per_block_GB']:>10.3f}{r['block_act_GB']:>10.3f}{r['rest_act_GB']:>9.3f}"
+              f"{r['weights_GB']:>9.2f}{r['grads_and_adam_GB']:>10.2f}{r['activations_512_GB']:>9.2f}"
+              f"{r['predicted_GB']:>10.2f}")
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
