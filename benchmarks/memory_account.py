@@ -6,15 +6,16 @@ The same trainer step as the GPU suite's (`Trainer.train_step`: LoRA rank 128 pe
 base, gradient checkpointing, LPIPS on, bf16 autocast as on CUDA) at the 20B width (3072 wide, 24
 heads, context 3584, 32 context tokens), with 2 and 4 blocks, each in its own process, once with the
 old schedule (terms one after the other, one total backward) and once with the new one (stacked
-no-grad passes, per-group backward, decoder checkpointed). Large allocations go straight to mmap
-(MALLOC_MMAP_THRESHOLD_), so the process's resident set follows the live tensors; a thread samples
-it every 2 ms during the step.
+no-grad passes, per-group backward, decoder checkpointed). The bytes of every tensor the step makes
+are counted from the op that makes it to its release (`LiveBytes`: the CPU allocator keeps no
+statistics), so the peak is torch.cuda.max_memory_allocated's counterpart, weights excluded.
 
-Account: the step's extra memory E(d) = peak RSS during the step - RSS before it. Per block
-b = (E(4) - E(2)) / 2, the rest f = E(2) - 2 b. Of these, the LoRA gradients and AdamW states (12
-bytes per trained parameter) do not grow with the image; the activations do, linearly in tokens with
-flash attention, so they are scaled from this resolution's tokens to 512²'s. Prediction for 60 blocks
-= frozen weights (blocks fp8, the rest bf16) + trained fp32 weights + their gradients and AdamW states
+Account: the step's extra memory E(d) = the peak of live tensor bytes made during a step (the
+optimizer states already exist, as at every step after the first). Per block b = (E(4) - E(2)) / 2,
+the rest f = E(2) - 2 b. Of these, the LoRA gradients (4 bytes per trained value) do not grow with
+the image; the activations do, linearly in tokens with flash attention, so they are scaled from this
+resolution's tokens to 512²'s. Prediction for 60 blocks = frozen weights (blocks fp8, the rest bf16)
++ trained fp32 weights + their gradients and optimizer states (AdamW 8, RMSprop 4 bytes per value)
 + 60 b_act k + f_act k (k = token ratio). The pixel codec stands in for the VAE (as in train.bench_step):
 a real VAE decoder's activations are not in the account.
 """
@@ -23,14 +24,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
-import threading
-import time
+import weakref
 from dataclasses import replace
 from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+from torch.utils.weak import WeakIdKeyDictionary
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -40,44 +44,49 @@ GPU_TOKENS = (512 // 16) ** 2 * 2 + 32      # 512² with an f8 VAE and patch 2: 
 H200_MEASURED_GB = 39.2                     # BENCHMARKS.md, gpu_suite 2026-11-30 (old schedule)
 
 
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+class LiveBytes(TorchDispatchMode):
+    """The bytes of tensor storages created inside it that are alive, and their peak: exact on the CPU,
+    where no allocator keeps statistics (a storage counts from the op that made it to its release).
+    Storages that existed before (`known`: weights, optimizer states) are not counted when an in-place
+    op returns them."""
 
+    def __init__(self, known=()):
+        super().__init__()
+        self.live = self.peak = 0
+        self.seen = WeakIdKeyDictionary()
+        for t in known:
+            self.seen[t.untyped_storage()] = 0
 
-class PeakSampler(threading.Thread):
-    """The largest resident set seen while running (sampled; torch's kernels release the GIL)."""
+    def _free(self, nbytes: int) -> None:
+        self.live -= nbytes
 
-    def __init__(self, every_s: float = 0.002):
-        super().__init__(daemon=True)
-        self.every_s, self.peak, self.running = every_s, rss_bytes(), True
-
-    def run(self):
-        while self.running:
-            self.peak = max(self.peak, rss_bytes())
-            time.sleep(self.every_s)
-
-    def stop(self) -> int:
-        self.running = False
-        self.join()
-        return max(self.peak, rss_bytes())
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.device.type == "cpu":
+                storage = t.untyped_storage()
+                if storage not in self.seen:
+                    self.seen[storage] = nbytes = storage.nbytes()
+                    weakref.finalize(storage, self._free, nbytes)
+                    self.live += nbytes
+                    self.peak = max(self.peak, self.live)
+        return out
 
 
 def measure(depth: int, schedule: str, resolution: int, rank: int) -> dict:
     """One step in this process (its own allocator state); the bytes the account needs."""
-    import torch
     import torch.nn.functional as F
     from teasr_core import model as model_module
-    from teasr_core.text_features import save_text_features
+    from train.bench_step import random_context
     from train.config import TrainConfig
     from train.distill import Dist, Trainer
 
     name = f"qwen-image-{depth}"
     model_module.PRESETS[name] = replace(model_module.PRESETS["qwen-image"], depth=depth)
     with tempfile.TemporaryDirectory() as tmp:
-        context = save_text_features(Path(tmp) / "context.safetensors", torch.randn(32, 3584))
         cfg = TrainConfig(preset=name, crop=resolution, batch=1, pixel_scale=8, full_finetune=False,
-                          lora_ranks=(rank, rank), fp8_base=True, gradient_checkpointing=True, context_file=str(context),
+                          lora_ranks=(rank, rank), fp8_base=True, gradient_checkpointing=True,
+                          context_file=random_context(name, Path(tmp), 32),
                           sample_every=0, out=tmp, device="cpu", **SCHEDULES[schedule])
         trainer = Trainer(cfg, Dist(device=torch.device("cpu")))
         trainer.autocast_enabled = True       # bf16 autocast, as the step runs on CUDA
@@ -94,34 +103,41 @@ def measure(depth: int, schedule: str, resolution: int, rank: int) -> dict:
         rest_frozen = sum(p.numel() for n, p in dit.named_parameters()
                           if not p.requires_grad and not n.startswith("transformer_blocks."))
         lpips_bytes = sum(p.numel() * p.element_size() for p in trainer.lpips.parameters())
-        before = rss_bytes()
-        sampler = PeakSampler()
-        sampler.start()
-        row = trainer.train_step([batch])
-        peak = sampler.stop()
+        for param in trainer.params:       # optimizer states made now, as they exist at every later step
+            param.grad = torch.zeros_like(param)
+        trainer.optimizer.step()
+        trainer.optimizer.zero_grad(set_to_none=True)
+        states = [t for state in trainer.optimizer.state.values() for t in state.values() if t.numel() > 1]
+        known = [*dit.parameters(), *dit.buffers(), *trainer.lpips.parameters(), *trainer.lpips.buffers(), *states]
+        with LiveBytes(known) as tracker:
+            row = trainer.train_step([batch])
     tokens = 2 * (resolution // 16) ** 2 + 32
     return {"depth": depth, "schedule": schedule, "resolution": resolution, "tokens": tokens,
-            "extra_bytes": peak - before, "seconds": row["sec_per_step"], "trained": trained,
+            "extra_bytes": tracker.peak, "seconds": row["sec_per_step"], "trained": trained,
             "block_trained": block_trained, "block_frozen_bytes": block_frozen, "rest_frozen": rest_frozen,
-            "lpips_bytes": lpips_bytes, "passes": {k: v for k, v in row.items() if k.startswith(("fwd_", "calls_"))}}
+            "lpips_bytes": lpips_bytes, "state_bytes": sum(t.numel() * t.element_size() for t in states), "passes": {k: v for k, v in row.items() if k.startswith(("fwd_", "calls_"))}}
 
 
-def account(runs: dict, depth: int = 60) -> dict:
-    """The prediction for `depth` blocks at 512² from the 2- and 4-block runs of one schedule."""
+def account(runs: dict, depth: int = 60, state_bytes: float | None = None) -> dict:
+    """The prediction for `depth` blocks at 512² from the 2- and 4-block runs of one schedule (GiB, as
+    torch.cuda.max_memory_allocated / 2**30 in the GPU suite). state_bytes: optimizer state bytes per
+    trained value, if not the runs' own (RMSprop's 4: the states are not in the measured peak)."""
     two, four = runs[2], runs[4]
     k = GPU_TOKENS / two["tokens"]
     per_block = (four["extra_bytes"] - two["extra_bytes"]) / 2
     rest = two["extra_bytes"] - 2 * per_block
     trained_block, trained_rest = two["block_trained"], two["trained"] - 2 * two["block_trained"]
-    block_act = per_block - 12 * trained_block          # minus LoRA gradient + 2 AdamW states (fp32)
-    rest_act = rest - 12 * trained_rest
+    block_act = per_block - 4 * trained_block           # minus the block's LoRA gradients (fp32)
+    rest_act = rest - 4 * trained_rest
     trained = trained_rest + depth * trained_block
+    state_per_value = state_bytes or two["state_bytes"] / two["trained"]   # AdamW 8, RMSprop 4
     weights = depth * two["block_frozen_bytes"] + 2 * two["rest_frozen"] + 4 * trained + two["lpips_bytes"]
-    states = 12 * trained
+    states = (state_per_value + 4) * trained            # optimizer states + gradients
     activations = k * (depth * block_act + rest_act)
-    return {"token_ratio": k, "per_block_GB": per_block / 1e9, "block_act_GB": block_act / 1e9,
-            "rest_act_GB": rest_act / 1e9, "weights_GB": weights / 1e9, "grads_and_adam_GB": states / 1e9,
-            "activations_512_GB": activations / 1e9, "predicted_GB": (weights + states + activations) / 1e9,
+    gib = 2 ** 30
+    return {"token_ratio": k, "per_block_GiB": per_block / gib, "block_act_GiB": block_act / gib,
+            "rest_act_GiB": rest_act / gib, "weights_GiB": weights / gib, "grads_and_states_GiB": states / gib,
+            "activations_512_GiB": activations / gib, "predicted_GiB": (weights + states + activations) / gib,
             "seconds": {d: r["seconds"] for d, r in runs.items()}, "passes": four["passes"]}
 
 
@@ -135,8 +151,8 @@ def main() -> None:
     if args.one:
         print(json.dumps(measure(int(args.one[0]), args.one[1], args.resolution, args.rank)))
         return
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "PYTHONPATH": str(REPO)}
-    results = {}
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    results, measured = {}, {}
     for schedule in args.schedules.split(","):
         runs = {}
         for depth in (2, 4):
@@ -148,16 +164,18 @@ def main() -> None:
             runs[depth] = json.loads(done.stdout.strip().splitlines()[-1])
             print(f"{schedule} {depth} blocks: step extra {runs[depth]['extra_bytes'] / 1e9:.3f} GB, "
                   f"{runs[depth]['seconds']:.1f} s, {runs[depth]['passes']}", flush=True)
-        results[schedule] = account(runs)
+        results[schedule], measured[schedule] = account(runs), runs
+    if "new" in results:
+        results["new+rmsprop"] = account(measured["new"], state_bytes=4)
     print(f"\nqwen-image TEASR step, {args.resolution}² on the CPU ({runs[2]['tokens']} tokens) -> 512² "
           f"({GPU_TOKENS} tokens), 60 blocks, rank {args.rank}, fp8 base, grad checkpointing, LPIPS on:")
-    print(f"{'schedule':<9}{'per block':>10}{'block act':>10}{'rest act':>9}{'weights':>9}{'grad+Adam':>10}"
-          f"{'act@512²':>9}{'predicted':>10}   (GB; H200 measured, old schedule: {H200_MEASURED_GB} GB)")
+    print(f"{'schedule':<9}{'per block':>10}{'block act':>10}{'rest act':>9}{'weights':>9}{'grad+opt':>10}"
+          f"{'act@512²':>9}{'predicted':>10}   (GiB; H200 measured, old schedule: {H200_MEASURED_GB} GB)")
     for schedule, r in results.items():
-        print(f"{schedule:<9}{r['per_block_GB']:>10.3f}{r['block_act_GB']:>10.3f}{r['rest_act_GB']:>9.3f}"
-              f"{r['weights_GB']:>9.2f}{r['grads_and_adam_GB']:>10.2f}{r['activations_512_GB']:>9.2f}"
-              f"{r['predicted_GB']:>10.2f}")
-    print(json.dumps(results))
+        print(f"{schedule:<9}{r['per_block_GiB']:>10.3f}{r['block_act_GiB']:>10.3f}{r['rest_act_GiB']:>9.3f}"
+              f"{r['weights_GiB']:>9.2f}{r['grads_and_states_GiB']:>10.2f}{r['activations_512_GiB']:>9.2f}"
+              f"{r['predicted_GiB']:>10.2f}")
+    print(json.dumps({"measured": measured, "account": results}))
 
 
 if __name__ == "__main__":

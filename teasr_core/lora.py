@@ -32,6 +32,12 @@ def fp8_matmul_available(x: torch.Tensor) -> bool:
     return x.is_cuda and x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (8, 9)
 
 
+def matmul_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype x's matmuls run in: autocast's when it is on (the base weight is made in it directly,
+    not first in x's fp32 and then cast again by autocast), else x's."""
+    return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+
+
 class _ScaledFP8Linear(torch.autograd.Function):
     """rows [N, in] times W^T, W fp8 [out, in] with a per-output-channel scale: forward as a real fp8
     matmul with the rows quantised one by one; backward (input gradient only: W is frozen) with W
@@ -153,7 +159,7 @@ class DualLoRALinear(nn.Module):
                 return self._add_lora(y, x, branches)
         if self.is_fp8 and self.fuse_down and branches:
             return self._fused_product(x, bias, branches)
-        return self._add_lora(F.linear(x, self.base_weight(x.dtype), bias), x, branches)
+        return self._add_lora(F.linear(x, self.base_weight(matmul_dtype(x)), bias), x, branches)
 
     def _add_lora(self, y: torch.Tensor, x: torch.Tensor, branches, downs=None) -> torch.Tensor:
         """y plus s_k B_k h_k on each branch's tokens; h_k = A_k x unless given (`downs`, fused)."""
@@ -165,7 +171,7 @@ class DualLoRALinear(nn.Module):
 
     def _fused_product(self, x: torch.Tensor, bias, branches) -> torch.Tensor:
         """The base product and the down-projections as one matmul on [W; A_noise; A_cond]."""
-        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        dtype = matmul_dtype(x)
         lo_hi = [(lo, hi) for _, lo, hi in branches]
         downs = [getattr(self, f"lora_{BRANCHES[k]}_A") for k, _, _ in branches]
         with torch.autocast(x.device.type, enabled=False):

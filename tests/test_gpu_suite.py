@@ -26,8 +26,8 @@ def test_smoke_runs_every_step_and_prints_the_rows(tmp_path):
     assert [r["model"] for r in steps["forward"]["rows"]] == ["teasr dual-branch", "comfyui QwenImageTransformer2DModel"]
     assert [r["model"] for r in steps["forward_fp8"]["rows"]] == ["teasr dual-branch fp8", "teasr dual-branch fp8 scaled_mm"]
     results = steps["train_step"]["results"]       # torch.compile is measured on the GPU only
-    assert [r["variant"] for r in results] == ["before", "after"]
-    assert [r["passes"] for r in results] == ["calls_fwd=9 fwd_grad=4 fwd_nograd=5", "calls_fwd=6 fwd_grad=4 fwd_nograd=5"]
+    assert [r["variant"] for r in results] == ["before", "after", "after+rmsprop"]
+    assert [r["passes"] for r in results] == ["calls_fwd=9 fwd_grad=4 fwd_nograd=5"] + ["calls_fwd=6 fwd_grad=4 fwd_nograd=5"] * 2
     assert all(r["profile"]["wall_s"] > 0 and r["profile"]["lpips_s"] > 0 for r in results)
     assert [r["objective"] for r in steps["teasr_vs_tadsr"]["results"]] == ["teasr", "tadsr"]
     assert [r["output"] for r in steps["upscale"]["results"]] == [32, 64]

@@ -148,3 +148,19 @@ def test_a_zero_scaled_lora_costs_nothing_and_changes_nothing():
     y.square().sum().backward()
     assert layer.lora_noise_A.grad is None and layer.lora_noise_B.grad is None
     assert layer.lora_cond_A.grad is not None and layer.active_branches(3, 7) == [(1, 3, 7)]
+
+
+def test_rmsprop_keeps_one_state_per_trained_tensor():
+    """The memory option for the 20 B model: RMSprop's square average only, where AdamW keeps two moments."""
+    from train.distill import make_optimizer
+    params = [torch.nn.Parameter(torch.randn(3, 4)), torch.nn.Parameter(torch.randn(5))]
+    states = {}
+    for name in ("adamw", "rmsprop"):
+        optimizer = make_optimizer(replace(TrainConfig(), optimizer=name), params, torch.device("cpu"))
+        sum(p.square().sum() for p in params).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        states[name] = sum(t.numel() for s in optimizer.state.values() for t in s.values() if t.numel() > 1)
+    assert states == {"adamw": 2 * 17, "rmsprop": 17}
+    with pytest.raises(ValueError, match="optimizer must be one of"):
+        replace(TrainConfig(), optimizer="sgd")

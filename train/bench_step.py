@@ -32,7 +32,7 @@ from teasr_core.model import preset
 from teasr_core.text_features import save_text_features
 
 from .config import TrainConfig
-from .distill import Dist, Trainer
+from .distill import Dist, Trainer, make_optimizer
 
 
 def bench(cfg: TrainConfig, device: torch.device, warmup: int, repeat: int) -> dict:
@@ -57,6 +57,14 @@ def bench(cfg: TrainConfig, device: torch.device, warmup: int, repeat: int) -> d
     return result
 
 
+def random_context(preset_name: str, folder: Path, tokens: int) -> str:
+    """A context file of `tokens` random text features for presets with a text stream ("" for the others)."""
+    context_dim = preset(preset_name).context_dim
+    if not context_dim:
+        return ""
+    return str(save_text_features(folder / "context.safetensors", torch.randn(tokens, context_dim)))
+
+
 def compare(preset_name: str, resolution: int, *, device: torch.device, batch: int = 1, rank: int = 128,
             fp8: bool = False, grad_ckpt: bool = False, pixel_scale: int = 8, context_tokens: int = 32,
             teacher_steps: int = 4, rcgm_substeps: int = 2, objectives=("teasr", "tadsr"), warmup: int = 1,
@@ -65,11 +73,7 @@ def compare(preset_name: str, resolution: int, *, device: torch.device, batch: i
     lora = dict(full_finetune=False, lora_ranks=(rank, rank)) if rank else dict(full_finetune=True)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
-        context_file = ""
-        context_dim = preset(preset_name).context_dim
-        if context_dim:
-            context_file = str(save_text_features(Path(tmp) / "context.safetensors",
-                                                  torch.randn(context_tokens, context_dim)))
+        context_file = random_context(preset_name, Path(tmp), context_tokens)
         for objective in objectives:
             cfg = TrainConfig(preset=preset_name, objective=objective, crop=resolution, batch=batch,
                               pixel_scale=pixel_scale, fp8_base=fp8, gradient_checkpointing=grad_ckpt,
@@ -85,11 +89,14 @@ def compare(preset_name: str, resolution: int, *, device: torch.device, batch: i
 # the step as measured on the H200 on 2026-11-30, and what each option of the faster step adds to it
 BEFORE = dict(stack_passes=False, backward_per_group=False, checkpoint_decoder=False, fuse_lora_down=False,
               fp8_matmul=True)
-VARIANTS = {"before": BEFORE, "after": {}, "after+compile": dict(compile_blocks=True)}
+VARIANTS = {"before": BEFORE, "after": {}, "after+rmsprop": dict(optimizer="rmsprop"),
+            "after+compile": dict(optimizer="rmsprop", compile_blocks=True)}
 
 
 def apply_options(trainer: Trainer, cfg: TrainConfig) -> None:
     """Switch a built trainer to `cfg`'s step options (schedule, LoRA products, compiled blocks)."""
+    if cfg.optimizer != trainer.cfg.optimizer:
+        trainer.optimizer = make_optimizer(cfg, trainer.params, trainer.env.device)
     trainer.cfg = trainer.objective.cfg = cfg
     for _, layer in dual_lora_layers(trainer.dit):
         layer.fuse_down, layer.fp8_matmul = cfg.fuse_lora_down, cfg.fp8_matmul
@@ -131,11 +138,7 @@ def compare_variants(preset_name: str, resolution: int, *, device: torch.device,
     their warm-up). `on_result` sees each result as it comes."""
     results = []
     with tempfile.TemporaryDirectory() as tmp:
-        context_file = ""
-        context_dim = preset(preset_name).context_dim
-        if context_dim:
-            context_file = str(save_text_features(Path(tmp) / "context.safetensors",
-                                                  torch.randn(context_tokens, context_dim)))
+        context_file = random_context(preset_name, Path(tmp), context_tokens)
         base = TrainConfig(preset=preset_name, crop=resolution, batch=1, pixel_scale=pixel_scale, fp8_base=fp8,
                            gradient_checkpointing=grad_ckpt, base_dtype="bf16" if device.type == "cuda" else "fp32",
                            context_file=context_file, sample_every=0, out=tmp, full_finetune=False,

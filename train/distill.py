@@ -225,6 +225,15 @@ def set_trainable(dit: DualBranchDiT, full: bool) -> None:
             p.data = p.data.float()
 
 
+def make_optimizer(cfg: TrainConfig, params: list, device) -> torch.optim.Optimizer:
+    """AdamW (two fp32 states per trained value) or RMSprop (one); multi-tensor kernels on CUDA."""
+    if cfg.optimizer == "rmsprop":
+        return torch.optim.RMSprop(params, lr=cfg.lr, alpha=cfg.betas[1], eps=cfg.adam_eps,
+                                   weight_decay=cfg.weight_decay, foreach=device.type == "cuda")
+    return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.adam_eps,
+                             weight_decay=cfg.weight_decay, fused=device.type == "cuda")
+
+
 def load_context(cfg: TrainConfig, dit: DualBranchDiT, device) -> torch.Tensor | None:
     """Fixed text features [1, T, context_dim] for models with a text stream."""
     if dit.cfg.context_dim is None:
@@ -256,8 +265,7 @@ class Trainer:
         self.engine = self._distribute()
         self.params = [p for p in self.engine.parameters() if p.requires_grad]
         self.names = [n for n, p in self.dit.named_parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.adam_eps,
-                                           weight_decay=cfg.weight_decay, fused=device.type == "cuda")
+        self.optimizer = make_optimizer(cfg, self.params, device)
         self.ema = [p.detach().clone() for p in self.params] if cfg.ema_decay > 0 else None
         self.counts: Counter = Counter()
         self.net = PassCounter(self.engine, self.counts, "fwd", self.context)
