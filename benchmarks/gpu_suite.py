@@ -14,8 +14,9 @@ Steps (GPU shapes; --smoke shrinks them):
   forward_fp8     (b) the same forward with the fp8-stored base (ours only; compared with (a)'s ComfyUI time):
                       dequantised per layer into bf16 matmuls (the default), then torch._scaled_mm (opt-in)
   train_step      (c) one TEASR distillation step, qwen-image, 512^2, rank 128 per branch, fp8 base: memory, s/step,
-                      before (the 2026-11-30 step) / after (the default options) / after + torch.compile per
-                      block, one model; a profile of one step each (compute, copies, idle, decode, LPIPS)
+                      before (the 2026-11-30 step) / after (the default options) / + RMSprop / + RMSprop and
+                      torch.compile per block, one model; a profile of one step each (compute, copies, idle,
+                      decode, LPIPS)
   teasr_vs_tadsr  (d) TEASR vs TAD-SR steps, `base` preset, 512^2, rank 64: memory and s/step of both
   upscale         (e) the bundled default's whole upscale at 1 and 4 steps, 1024^2 and 2048^2 output
 
@@ -62,7 +63,7 @@ STEPS = (
                          "dual LoRA rank 128 active; ComfyUI's QwenImageTransformer2DModel fed 8192 + 32 tokens"),
     Step("forward_fp8", 70, "the same forward, fp8-stored base: dequantised to bf16 / torch._scaled_mm (opt-in)"),
     Step("train_step", 210, "one TEASR step, qwen-image, 512², LoRA rank 128 per branch, fp8 base, grad checkpointing: "
-                            "before / after / after + torch.compile per block"),
+                            "before / after / + RMSprop / + RMSprop and torch.compile per block"),
     Step("teasr_vs_tadsr", 60, "TEASR vs TAD-SR step, `base` preset, 512², LoRA rank 64"),
     Step("upscale", 30, "bundled default, whole upscale (untiled), 1 and 4 steps"),
 )

@@ -1,6 +1,6 @@
 """Memory account of the `qwen-image` TEASR step, measured on the CPU with 2 and 4 blocks, extrapolated.
 
-    OMP_NUM_THREADS=2 python benchmarks/memory_account.py --resolution 128
+    OMP_NUM_THREADS=2 python benchmarks/memory_account.py --resolution 64 --resolution2 128   # ~25 min on 2 cores
 
 The same trainer step as the GPU suite's (`Trainer.train_step`: LoRA rank 128 per branch, fp8-stored
 base, gradient checkpointing, LPIPS on, bf16 autocast as on CUDA) at the 20B width (3072 wide, 24
@@ -10,13 +10,13 @@ no-grad passes, per-group backward, decoder checkpointed). The bytes of every te
 are counted from the op that makes it to its release (`LiveBytes`: the CPU allocator keeps no
 statistics), so the peak is torch.cuda.max_memory_allocated's counterpart, weights excluded.
 
-Account: the step's extra memory E(d) = the peak of live tensor bytes made during a step (the
-optimizer states already exist, as at every step after the first). Per block b = (E(4) - E(2)) / 2,
-the rest f = E(2) - 2 b. Of these, the LoRA gradients (4 bytes per trained value) do not grow with
-the image; the activations do, linearly in tokens with flash attention, so they are scaled from this
-resolution's tokens to 512²'s. Prediction for 60 blocks = frozen weights (blocks fp8, the rest bf16)
-+ trained fp32 weights + their gradients and optimizer states (AdamW 8, RMSprop 4 bytes per value)
-+ 60 b_act k + f_act k (k = token ratio). The pixel codec stands in for the VAE (as in train.bench_step):
+Account: E(d, T) = the peak of live tensor bytes made during a step of d blocks at T tokens (the
+optimizer states already exist, as at every step after the first), modelled as rest + d (b + a T):
+per-block bytes b (LoRA gradients, one block's dequantised weights held by its recompute, ...) and
+per-token-and-block bytes a (activations: linear in tokens with flash attention), from E(2) and E(4)
+at one side and E(2) at a second. Prediction for 60 blocks at 512² = frozen weights (blocks fp8, the
+rest bf16) + trained fp32 weights + optimizer states (AdamW 8, RMSprop 4 bytes per trained value)
++ rest + 60 (b + a T_512). The pixel codec stands in for the VAE (as in train.bench_step):
 a real VAE decoder's activations are not in the account.
 """
 from __future__ import annotations
@@ -119,63 +119,66 @@ def measure(depth: int, schedule: str, resolution: int, rank: int) -> dict:
 
 
 def account(runs: dict, depth: int = 60, state_bytes: float | None = None) -> dict:
-    """The prediction for `depth` blocks at 512² from the 2- and 4-block runs of one schedule (GiB, as
-    torch.cuda.max_memory_allocated / 2**30 in the GPU suite). state_bytes: optimizer state bytes per
-    trained value, if not the runs' own (RMSprop's 4: the states are not in the measured peak)."""
-    two, four = runs[2], runs[4]
-    k = GPU_TOKENS / two["tokens"]
-    per_block = (four["extra_bytes"] - two["extra_bytes"]) / 2
-    rest = two["extra_bytes"] - 2 * per_block
-    trained_block, trained_rest = two["block_trained"], two["trained"] - 2 * two["block_trained"]
-    block_act = per_block - 4 * trained_block           # minus the block's LoRA gradients (fp32)
-    rest_act = rest - 4 * trained_rest
-    trained = trained_rest + depth * trained_block
-    state_per_value = state_bytes or two["state_bytes"] / two["trained"]   # AdamW 8, RMSprop 4
-    weights = depth * two["block_frozen_bytes"] + 2 * two["rest_frozen"] + 4 * trained + two["lpips_bytes"]
-    states = (state_per_value + 4) * trained            # optimizer states + gradients
-    activations = k * (depth * block_act + rest_act)
+    """The prediction for `depth` blocks at 512² from one schedule's runs {(blocks, HR side): run} at
+    (2, r), (4, r) and (2, r2) (GiB, as torch.cuda.max_memory_allocated / 2**30 in the GPU suite).
+    state_bytes: optimizer state bytes per trained value, if not the runs' own (RMSprop's 4: the states
+    are made before the measured step, so they are not in its peak)."""
+    (low, high) = sorted({side for _, side in runs})
+    e2, e4, e2_high = runs[2, low], runs[4, low], runs[2, high]
+    per_token_block = (e2_high["extra_bytes"] - e2["extra_bytes"]) / (2 * (e2_high["tokens"] - e2["tokens"]))
+    per_block = (e4["extra_bytes"] - e2["extra_bytes"]) / 2 - per_token_block * e2["tokens"]
+    rest = e2["extra_bytes"] - 2 * (per_block + per_token_block * e2["tokens"])
+    step = rest + depth * (per_block + per_token_block * GPU_TOKENS)
+    trained = e2["trained"] + (depth - 2) * e2["block_trained"]
+    state_per_value = state_bytes or e2["state_bytes"] / e2["trained"]   # AdamW 8, RMSprop 4
+    weights = depth * e2["block_frozen_bytes"] + 2 * e2["rest_frozen"] + 4 * trained + e2["lpips_bytes"]
     gib = 2 ** 30
-    return {"token_ratio": k, "per_block_GiB": per_block / gib, "block_act_GiB": block_act / gib,
-            "rest_act_GiB": rest_act / gib, "weights_GiB": weights / gib, "grads_and_states_GiB": states / gib,
-            "activations_512_GiB": activations / gib, "predicted_GiB": (weights + states + activations) / gib,
-            "seconds": {d: r["seconds"] for d, r in runs.items()}, "passes": four["passes"]}
+    return {"per_block_GiB": per_block / gib, "per_token_block_KiB": per_token_block / 1024, "rest_GiB": rest / gib,
+            "weights_GiB": weights / gib, "states_GiB": state_per_value * trained / gib, "step_512_GiB": step / gib,
+            "predicted_GiB": (weights + state_per_value * trained + step) / gib,
+            "seconds": {f"{d}@{side}": r["seconds"] for (d, side), r in runs.items()}, "passes": e4["passes"]}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(prog="python benchmarks/memory_account.py", description=__doc__.splitlines()[0])
-    ap.add_argument("--resolution", type=int, default=128, help="HR side on the CPU (512 on the GPU)")
+    ap.add_argument("--resolution", type=int, default=64, help="HR side on the CPU for 2 and 4 blocks (512 on the GPU)")
+    ap.add_argument("--resolution2", type=int, default=128, help="a second HR side for 2 blocks: the per-token bytes")
     ap.add_argument("--rank", type=int, default=128)
     ap.add_argument("--schedules", default="old,new")
-    ap.add_argument("--one", nargs=2, metavar=("DEPTH", "SCHEDULE"), help=argparse.SUPPRESS)
+    ap.add_argument("--measured", type=Path, help="a JSON line this script printed: measure only what it lacks")
+    ap.add_argument("--one", nargs=3, metavar=("DEPTH", "SCHEDULE", "SIDE"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
-        print(json.dumps(measure(int(args.one[0]), args.one[1], args.resolution, args.rank)))
+        print(json.dumps(measure(int(args.one[0]), args.one[1], int(args.one[2]), args.rank)))
         return
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     results, measured = {}, {}
+    if args.measured:
+        for schedule, runs in json.loads(args.measured.read_text().splitlines()[-1])["measured"].items():
+            measured[schedule] = {(r["depth"], r["resolution"]): r for r in runs}
     for schedule in args.schedules.split(","):
-        runs = {}
-        for depth in (2, 4):
-            done = subprocess.run([sys.executable, __file__, "--one", str(depth), schedule, "--resolution",
-                                   str(args.resolution), "--rank", str(args.rank)], env=env, capture_output=True,
-                                  text=True, check=False)
+        runs = measured.setdefault(schedule, {})
+        for depth, side in ((2, args.resolution), (4, args.resolution), (2, args.resolution2)):
+            if (depth, side) in runs:
+                continue
+            done = subprocess.run([sys.executable, __file__, "--one", str(depth), schedule, str(side),
+                                   "--rank", str(args.rank)], env=env, capture_output=True, text=True, check=False)
             if done.returncode:
                 raise SystemExit(done.stderr[-3000:])
-            runs[depth] = json.loads(done.stdout.strip().splitlines()[-1])
-            print(f"{schedule} {depth} blocks: step extra {runs[depth]['extra_bytes'] / 1e9:.3f} GB, "
-                  f"{runs[depth]['seconds']:.1f} s, {runs[depth]['passes']}", flush=True)
-        results[schedule], measured[schedule] = account(runs), runs
+            run = runs[depth, side] = json.loads(done.stdout.strip().splitlines()[-1])
+            print(f"{schedule} {depth} blocks at {side}²: step {run['extra_bytes'] / 2**30:.3f} GiB, "
+                  f"{run['seconds']:.1f} s, {run['passes']}", flush=True)
+        results[schedule] = account(runs)
     if "new" in results:
         results["new+rmsprop"] = account(measured["new"], state_bytes=4)
-    print(f"\nqwen-image TEASR step, {args.resolution}² on the CPU ({runs[2]['tokens']} tokens) -> 512² "
+    print(f"\nqwen-image TEASR step on the CPU (HR {args.resolution}² and {args.resolution2}², 2 and 4 blocks) -> 512² "
           f"({GPU_TOKENS} tokens), 60 blocks, rank {args.rank}, fp8 base, grad checkpointing, LPIPS on:")
-    print(f"{'schedule':<9}{'per block':>10}{'block act':>10}{'rest act':>9}{'weights':>9}{'grad+opt':>10}"
-          f"{'act@512²':>9}{'predicted':>10}   (GiB; H200 measured, old schedule: {H200_MEASURED_GB} GB)")
+    print(f"{'schedule':<12}{'block':>8}{'KiB/tok/blk':>12}{'rest':>7}{'weights':>9}{'opt st':>8}{'step@512²':>10}"
+          f"{'predicted':>10}   (GiB; H200 measured, old schedule: {H200_MEASURED_GB} GiB)")
     for schedule, r in results.items():
-        print(f"{schedule:<9}{r['per_block_GiB']:>10.3f}{r['block_act_GiB']:>10.3f}{r['rest_act_GiB']:>9.3f}"
-              f"{r['weights_GiB']:>9.2f}{r['grads_and_states_GiB']:>10.2f}{r['activations_512_GiB']:>9.2f}"
-              f"{r['predicted_GiB']:>10.2f}")
-    print(json.dumps({"measured": measured, "account": results}))
+        print(f"{schedule:<12}{r['per_block_GiB']:>8.3f}{r['per_token_block_KiB']:>12.1f}{r['rest_GiB']:>7.3f}"
+              f"{r['weights_GiB']:>9.2f}{r['states_GiB']:>8.2f}{r['step_512_GiB']:>10.2f}{r['predicted_GiB']:>10.2f}")
+    print(json.dumps({"measured": {s: list(runs.values()) for s, runs in measured.items()}, "account": results}))
 
 
 if __name__ == "__main__":

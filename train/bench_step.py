@@ -90,7 +90,7 @@ def compare(preset_name: str, resolution: int, *, device: torch.device, batch: i
 BEFORE = dict(stack_passes=False, backward_per_group=False, checkpoint_decoder=False, fuse_lora_down=False,
               fp8_matmul=True)
 VARIANTS = {"before": BEFORE, "after": {}, "after+rmsprop": dict(optimizer="rmsprop"),
-            "after+compile": dict(optimizer="rmsprop", compile_blocks=True)}
+            "after+rmsprop+compile": dict(optimizer="rmsprop", compile_blocks=True)}
 
 
 def apply_options(trainer: Trainer, cfg: TrainConfig) -> None:
