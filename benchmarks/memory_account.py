@@ -1,6 +1,6 @@
 """Memory account of the `qwen-image` TEASR step, measured on the CPU with 2 and 4 blocks, extrapolated.
 
-    OMP_NUM_THREADS=2 python benchmarks/memory_account.py --resolution 64 --resolution2 128   # ~25 min on 2 cores
+    OMP_NUM_THREADS=2 python benchmarks/memory_account.py --resolution 64 --resolution2 128   # ~30 min on 2 busy cores
 
 The same trainer step as the GPU suite's (`Trainer.train_step`: LoRA rank 128 per branch, fp8-stored
 base, gradient checkpointing, LPIPS on, bf16 autocast as on CUDA) at the 20B width (3072 wide, 24
@@ -11,12 +11,13 @@ are counted from the op that makes it to its release (`LiveBytes`: the CPU alloc
 statistics), so the peak is torch.cuda.max_memory_allocated's counterpart, weights excluded.
 
 Account: E(d, T) = the peak of live tensor bytes made during a step of d blocks at T tokens (the
-optimizer states already exist, as at every step after the first), modelled as rest + d (b + a T):
-per-block bytes b (LoRA gradients, one block's dequantised weights held by its recompute, ...) and
-per-token-and-block bytes a (activations: linear in tokens with flash attention), from E(2) and E(4)
-at one side and E(2) at a second. Prediction for 60 blocks at 512² = frozen weights (blocks fp8, the
-rest bf16) + trained fp32 weights + optimizer states (AdamW 8, RMSprop 4 bytes per trained value)
-+ rest + 60 (b + a T_512). The pixel codec stands in for the VAE (as in train.bench_step):
+optimizer states already exist, as at every step after the first), modelled as
+c0 + c1 d + a0 T + a1 d T and solved from 2 and 4 blocks at two sides: per-block bytes c1 (LoRA
+gradients, ...), per-token bytes a0 (e.g. the one block being recomputed in backward, LPIPS) and
+per-token-and-block bytes a1 (what every block keeps per token: checkpoint inputs of the passes whose
+graphs are alive). Prediction for 60 blocks at 512² = frozen weights (blocks fp8, the rest bf16) +
+trained fp32 weights + optimizer states (AdamW 8, RMSprop 4 bytes per trained value) + E(60, T_512).
+The pixel codec stands in for the VAE (as in train.bench_step):
 a real VAE decoder's activations are not in the account.
 """
 from __future__ import annotations
@@ -119,30 +120,34 @@ def measure(depth: int, schedule: str, resolution: int, rank: int) -> dict:
 
 
 def account(runs: dict, depth: int = 60, state_bytes: float | None = None) -> dict:
-    """The prediction for `depth` blocks at 512² from one schedule's runs {(blocks, HR side): run} at
-    (2, r), (4, r) and (2, r2) (GiB, as torch.cuda.max_memory_allocated / 2**30 in the GPU suite).
-    state_bytes: optimizer state bytes per trained value, if not the runs' own (RMSprop's 4: the states
-    are made before the measured step, so they are not in its peak)."""
-    (low, high) = sorted({side for _, side in runs})
-    e2, e4, e2_high = runs[2, low], runs[4, low], runs[2, high]
-    per_token_block = (e2_high["extra_bytes"] - e2["extra_bytes"]) / (2 * (e2_high["tokens"] - e2["tokens"]))
-    per_block = (e4["extra_bytes"] - e2["extra_bytes"]) / 2 - per_token_block * e2["tokens"]
-    rest = e2["extra_bytes"] - 2 * (per_block + per_token_block * e2["tokens"])
-    step = rest + depth * (per_block + per_token_block * GPU_TOKENS)
-    trained = e2["trained"] + (depth - 2) * e2["block_trained"]
-    state_per_value = state_bytes or e2["state_bytes"] / e2["trained"]   # AdamW 8, RMSprop 4
-    weights = depth * e2["block_frozen_bytes"] + 2 * e2["rest_frozen"] + 4 * trained + e2["lpips_bytes"]
+    """The prediction for `depth` blocks at 512² from one schedule's runs {(blocks, HR side): run} at 2 and 4
+    blocks and two sides (GiB, as torch.cuda.max_memory_allocated / 2**30 in the GPU suite).
+    E(d, T) = c0 + c1 d + a0 T + a1 d T, solved exactly from the four runs. state_bytes: optimizer state
+    bytes per trained value, if not the runs' own (RMSprop's 4: the states are made before the measured
+    step, so they are not in its peak)."""
+    low, high = sorted({side for _, side in runs})
+    e = {key: r["extra_bytes"] for key, r in runs.items()}
+    t1, t2 = runs[2, low]["tokens"], runs[2, high]["tokens"]
+    a1 = ((e[4, high] - e[2, high]) - (e[4, low] - e[2, low])) / (2 * (t2 - t1))
+    c1 = (e[4, low] - e[2, low]) / 2 - a1 * t1
+    a0 = (e[2, high] - e[2, low]) / (t2 - t1) - 2 * a1
+    c0 = e[2, low] - 2 * c1 - a0 * t1 - 2 * a1 * t1
+    step = c0 + depth * c1 + (a0 + depth * a1) * GPU_TOKENS
+    two = runs[2, low]
+    trained = two["trained"] + (depth - 2) * two["block_trained"]
+    state_per_value = state_bytes or two["state_bytes"] / two["trained"]   # AdamW 8, RMSprop 4
+    weights = depth * two["block_frozen_bytes"] + 2 * two["rest_frozen"] + 4 * trained + two["lpips_bytes"]
     gib = 2 ** 30
-    return {"per_block_GiB": per_block / gib, "per_token_block_KiB": per_token_block / 1024, "rest_GiB": rest / gib,
+    return {"c0_GiB": c0 / gib, "per_block_GiB": c1 / gib, "per_token_KiB": a0 / 1024, "per_token_block_KiB": a1 / 1024,
             "weights_GiB": weights / gib, "states_GiB": state_per_value * trained / gib, "step_512_GiB": step / gib,
             "predicted_GiB": (weights + state_per_value * trained + step) / gib,
-            "seconds": {f"{d}@{side}": r["seconds"] for (d, side), r in runs.items()}, "passes": e4["passes"]}
+            "seconds": {f"{d}@{side}": r["seconds"] for (d, side), r in runs.items()}, "passes": runs[4, low]["passes"]}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(prog="python benchmarks/memory_account.py", description=__doc__.splitlines()[0])
     ap.add_argument("--resolution", type=int, default=64, help="HR side on the CPU for 2 and 4 blocks (512 on the GPU)")
-    ap.add_argument("--resolution2", type=int, default=128, help="a second HR side for 2 blocks: the per-token bytes")
+    ap.add_argument("--resolution2", type=int, default=128, help="a second HR side: the per-token bytes")
     ap.add_argument("--rank", type=int, default=128)
     ap.add_argument("--schedules", default="old,new")
     ap.add_argument("--measured", type=Path, help="a JSON line this script printed: measure only what it lacks")
@@ -158,7 +163,7 @@ def main() -> None:
             measured[schedule] = {(r["depth"], r["resolution"]): r for r in runs}
     for schedule in args.schedules.split(","):
         runs = measured.setdefault(schedule, {})
-        for depth, side in ((2, args.resolution), (4, args.resolution), (2, args.resolution2)):
+        for depth, side in ((2, args.resolution), (4, args.resolution), (2, args.resolution2), (4, args.resolution2)):
             if (depth, side) in runs:
                 continue
             done = subprocess.run([sys.executable, __file__, "--one", str(depth), schedule, str(side),
@@ -173,11 +178,12 @@ def main() -> None:
         results["new+rmsprop"] = account(measured["new"], state_bytes=4)
     print(f"\nqwen-image TEASR step on the CPU (HR {args.resolution}² and {args.resolution2}², 2 and 4 blocks) -> 512² "
           f"({GPU_TOKENS} tokens), 60 blocks, rank {args.rank}, fp8 base, grad checkpointing, LPIPS on:")
-    print(f"{'schedule':<12}{'block':>8}{'KiB/tok/blk':>12}{'rest':>7}{'weights':>9}{'opt st':>8}{'step@512²':>10}"
-          f"{'predicted':>10}   (GiB; H200 measured, old schedule: {H200_MEASURED_GB} GiB)")
+    print(f"{'schedule':<12}{'c0':>7}{'block':>7}{'KiB/tok':>8}{'KiB/tok/blk':>12}{'weights':>9}{'opt st':>8}"
+          f"{'step@512²':>10}{'predicted':>10}   (GiB; H200 measured, old schedule: {H200_MEASURED_GB} GiB)")
     for schedule, r in results.items():
-        print(f"{schedule:<12}{r['per_block_GiB']:>8.3f}{r['per_token_block_KiB']:>12.1f}{r['rest_GiB']:>7.3f}"
-              f"{r['weights_GiB']:>9.2f}{r['states_GiB']:>8.2f}{r['step_512_GiB']:>10.2f}{r['predicted_GiB']:>10.2f}")
+        print(f"{schedule:<12}{r['c0_GiB']:>7.3f}{r['per_block_GiB']:>7.3f}{r['per_token_KiB']:>8.1f}"
+              f"{r['per_token_block_KiB']:>12.1f}{r['weights_GiB']:>9.2f}{r['states_GiB']:>8.2f}"
+              f"{r['step_512_GiB']:>10.2f}{r['predicted_GiB']:>10.2f}")
     print(json.dumps({"measured": {s: list(runs.values()) for s, runs in measured.items()}, "account": results}))
 
 
