@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from teasr_core.pipeline import UpscaleSettings, Upscaler, default_dtype, upscale  # noqa: E402
-from teasr_core.process import reuse_freed_memory  # noqa: E402
+from teasr_core.upscale.pipeline import UpscaleSettings, Upscaler, default_dtype, upscale  # noqa: E402
+from teasr_core.upscale.process import reuse_freed_memory  # noqa: E402
 
 
 def time_upscale(upscaler: Upscaler, size: int, steps: list[int], repeats: int) -> dict[int, dict]:

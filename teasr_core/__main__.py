@@ -9,12 +9,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .color import COLOR_FIX_METHODS
-from .imageio import IMAGE_EXTENSIONS, ImageCanvas, ImageReadError, read_image
-from .pipeline import Upscaler, bicubic_rows, count_model_calls, upscale, upscale_into, upscale_settings
-from .process import reuse_freed_memory
+from .upscale.color import COLOR_FIX_METHODS
+from .upscale.imageio import IMAGE_EXTENSIONS, ImageCanvas, ImageReadError, read_image
+from .upscale.pipeline import Upscaler, bicubic_rows, count_model_calls, upscale, upscale_into, upscale_settings
+from .upscale.process import reuse_freed_memory
 from .sampling import MODES
-from .text_features import load_text_features
+from .formats.text_features import load_text_features
 
 AUTO_TILE_ABOVE = 1536  # output side (px) above which --tile-size auto tiles
 AUTO_TILE = 1024
@@ -163,7 +163,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_import_lora(args) -> int:
-    from .dual_lora import import_dual_lora
+    from .formats.dual_lora import import_dual_lora
     out = import_dual_lora(args.lora, args.base, args.out, alpha_noise=args.alpha_noise, alpha_cond=args.alpha_cond,
                            embedder_prefix=args.embedder_prefix)
     print(f"wrote {out} (a TEASR LoRA checkpoint: load it with --base {args.base})")

@@ -11,12 +11,12 @@ import safetensors.torch
 import torch
 from safetensors import safe_open
 
-from teasr_core import checkpoint as ckpt_module
-from teasr_core.checkpoint import (CheckpointError, infer_qwen_image_config, load_checkpoint, load_qwen_image_base,
+from teasr_core.formats import checkpoint as ckpt_module
+from teasr_core.formats.checkpoint import (CheckpointError, infer_qwen_image_config, load_checkpoint, load_qwen_image_base,
                                    read_metadata, save_checkpoint)
-from teasr_core.lora import FP8
-from teasr_core.model import DualBranchDiT, preset
-from teasr_core.pipeline import Upscaler, default_dtype
+from teasr_core.network.lora import FP8
+from teasr_core.network.model import DualBranchDiT, preset
+from teasr_core.upscale.pipeline import Upscaler, default_dtype
 
 from conftest import assert_close_rel
 

@@ -20,10 +20,10 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from conftest import REPO, shared_path
-from teasr_core.checkpoint import _is_delta_key, load_checkpoint, read_metadata
-from teasr_core.lora import dual_lora_layers
-from teasr_core.model import DualBranchDiT, preset
-from teasr_core.text_features import save_text_features
+from teasr_core.formats.checkpoint import _is_delta_key, load_checkpoint, read_metadata
+from teasr_core.network.lora import dual_lora_layers
+from teasr_core.network.model import DualBranchDiT, preset
+from teasr_core.formats.text_features import save_text_features
 from train import bench_step
 from train.config import TrainConfig, parse_config
 from train.distill import main
@@ -318,8 +318,8 @@ def test_qwen_image_recipe_parses_with_its_three_files():
 
 
 def test_export_records_the_recommended_grid_and_keeps_the_origin(tmp_path):
-    from teasr_core.checkpoint import save_checkpoint
-    from teasr_core.pipeline import Upscaler
+    from teasr_core.formats.checkpoint import save_checkpoint
+    from teasr_core.upscale.pipeline import Upscaler
     from train.export import main as export
     trained = save_checkpoint(tmp_path / "step-00000010.safetensors", DualBranchDiT(preset("tiny")),
                               {"name": "pixel", "scale": 4}, preset="tiny", training={"steps": 10})

@@ -41,13 +41,13 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
-from teasr_core.checkpoint import (CheckpointError, _is_delta_key, infer_qwen_image_config, load_checkpoint,
+from teasr_core.formats.checkpoint import (CheckpointError, _is_delta_key, infer_qwen_image_config, load_checkpoint,
                                    load_qwen_image_base, read_metadata, save_checkpoint)
-from teasr_core.codecs import PixelCodec
-from teasr_core.model import DualBranchDiT, preset
-from teasr_core.pipeline import Upscaler, UpscaleSettings, codec_from_config, upscale
-from teasr_core.qwen_vae import load_vae_codec
-from teasr_core.text_features import load_text_features
+from teasr_core.codecs.codec import PixelCodec
+from teasr_core.network.model import DualBranchDiT, preset
+from teasr_core.upscale.pipeline import Upscaler, UpscaleSettings, codec_from_config, upscale
+from teasr_core.codecs.qwen_vae import load_vae_codec
+from teasr_core.formats.text_features import load_text_features
 
 from .config import TrainConfig, parse_config
 from .data import PairStream, upsample_lr
@@ -121,7 +121,7 @@ def make_codec(cfg: TrainConfig, in_channels: int, device):
         side = math.isqrt(in_channels // 3)
         name = "pixel" if cfg.pixel_scale or 3 * side * side == in_channels else "taef2"
     if name == "taef2":
-        from teasr_core.taef2 import LATENT_MEAN, LATENT_STD, TAEF2Codec
+        from teasr_core.codecs.taef2 import LATENT_MEAN, LATENT_STD, TAEF2Codec
         return TAEF2Codec(device=device), {"name": "taef2", "latent_mean": list(LATENT_MEAN),
                                             "latent_std": list(LATENT_STD)}
     scale = cfg.pixel_scale or math.isqrt(in_channels // 3)

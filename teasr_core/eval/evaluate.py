@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 
 from . import metrics, weights
 from .baselines import bicubic_upscale, load_realesrgan, realesrgan_upscale
-from ..imageio import IMAGE_EXTENSIONS, read_image
+from ..upscale.imageio import IMAGE_EXTENSIONS, read_image
 
 Method = Callable[[torch.Tensor], torch.Tensor]  # [1, 3, h, w] -> [1, 3, 4h, 4w], both in [0, 1]
 COLUMNS = ("psnr", "ssim", "lpips", "dists", "niqe", "sec")

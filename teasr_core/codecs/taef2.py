@@ -23,10 +23,10 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file
 
-from .codecs import check_image, tiled_map
-from .tiling import Rows, RunningMoments, gather
+from .codec import check_image, tiled_map
+from ..tiling import Rows, RunningMoments, gather
 
-BUNDLED_WEIGHTS = Path(__file__).resolve().parent / "bundled" / "taef2"
+BUNDLED_WEIGHTS = Path(__file__).resolve().parents[1] / "bundled" / "taef2"
 WEIGHT_FILES = ("taef2_encoder.safetensors", "taef2_decoder.safetensors")
 
 # Per-channel mean / std of raw TAEF2 latents of real photos, used to normalise them to ~N(0, 1).

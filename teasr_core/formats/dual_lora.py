@@ -20,11 +20,11 @@ from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
+from ..codecs.qwen_vae import codec_config
+from ..network.lora import dual_lora_layers
 from .checkpoint import (METADATA_KEY, CheckpointError, _check_names, _header_shapes, _meta_model,
                          _read_header, _read_tensors, checkpoint_metadata, infer_qwen_image_config,
                          read_qwen_base_tensors, write_checkpoint)
-from .lora import dual_lora_layers
-from .qwen_vae import codec_config
 
 EMBEDDER = "time_text_embed_2."
 EMBEDDER_PREFIXES = (EMBEDDER, "t_embedder_2.")        # ours, the precursor's

@@ -17,7 +17,7 @@ from typing import Callable, Iterator, Protocol, runtime_checkable
 import torch
 import torch.nn.functional as F
 
-from .tiling import Rows, Tile, blend_rows, gather, plan_tiles
+from ..tiling import Rows, Tile, blend_rows, gather, plan_tiles
 
 
 @runtime_checkable

@@ -19,13 +19,13 @@ from typing import Callable, Iterator, Protocol
 import torch
 import torch.nn.functional as F
 
-from .codecs import Codec, PixelCodec, build_codec, is_local, tiled_decode, tiled_encode
+from ..codecs.codec import Codec, PixelCodec, build_codec, is_local, tiled_decode, tiled_encode
+from ..codecs.qwen_vae import CODEC_NAME as QWEN_VAE, load_vae_codec
+from ..network.model import DualBranchDiT
+from ..sampling import (MODES, NOISE_CELL, batch_sigma, noise_field, sampler_step, shifted_sigmas,
+                        sigmas_from_timesteps, step_target)
+from ..tiling import Rows, RowStream, RunningMoments, Tile, blend_rows, gather, plan_tiles
 from .color import COLOR_FIX_METHODS, WAVELET_RADIUS, adain_apply, wavelet_fix
-from .model import DualBranchDiT
-from .qwen_vae import CODEC_NAME as QWEN_VAE, load_vae_codec
-from .sampling import (MODES, NOISE_CELL, batch_sigma, noise_field, sampler_step, shifted_sigmas,
-                       sigmas_from_timesteps, step_target)
-from .tiling import Rows, RowStream, RunningMoments, Tile, blend_rows, gather, plan_tiles
 
 Progress = Callable[[int, int], None]  # (done, total) after every model call
 CODEC_TILE = 1024      # output px per side of a codec (encode / decode) tile
@@ -124,7 +124,7 @@ class Upscaler:
         Latent models whose VAE lives outside this library (e.g. Qwen-Image's) need that VAE: its
         file as `vae`, or a ready `codec`.
         """
-        from .checkpoint import bundled_checkpoint_path, load_checkpoint
+        from ..formats.checkpoint import bundled_checkpoint_path, load_checkpoint
         dtype = dtype or default_dtype(device)
         ckpt = load_checkpoint(path or bundled_checkpoint_path(), device=device, dtype=dtype, fp8=fp8, base=base)
         return cls(ckpt.dit, codec or codec_from_config(ckpt.codec, device=device, vae=vae, dtype=dtype),

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import _check_names, _read_tensors
-from .codecs import check_image
+from ..formats.checkpoint import _check_names, _read_tensors
+from .codec import check_image
 
 CODEC_NAME = "qwen-image-vae"
 LATENT_CHANNELS = 16
@@ -36,7 +36,7 @@ LATENT_STD = (2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
 DIFFUSERS_FILE = "diffusion_pytorch_model.safetensors"
 COMFY_MARKER = "decoder.middle.0.residual.0.gamma"     # ComfyUI's test for a Wan-architecture VAE
 DIFFUSERS_MARKER = "decoder.mid_block.resnets.0.norm1.gamma"
-PACK_ROOT = Path(__file__).resolve().parents[1]
+PACK_ROOT = Path(__file__).resolve().parents[2]
 log = logging.getLogger("teasr")
 
 

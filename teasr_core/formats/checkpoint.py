@@ -25,15 +25,15 @@ import torch
 import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 
-from . import __version__
-from .lora import BRANCHES, FP8, dual_lora_layers
-from .model import DiTConfig, DualBranchDiT
-from .sampling import check_end_ratio
+from .. import __version__
+from ..network.lora import BRANCHES, FP8, dual_lora_layers
+from ..network.model import DiTConfig, DualBranchDiT
+from ..sampling import check_end_ratio
 
 FORMAT_VERSION = 1
 METADATA_KEY = "teasr"
 COMFY_PREFIX = "model.diffusion_model."
-BUNDLED_CHECKPOINT = Path(__file__).resolve().parent / "bundled" / "teasr-small.safetensors"
+BUNDLED_CHECKPOINT = Path(__file__).resolve().parents[1] / "bundled" / "teasr-small.safetensors"
 SAFETENSORS_ONLY = ("TEASR checkpoints and Qwen-Image base weights are .safetensors files; "
                     "refusing to unpickle .ckpt/.pt/.pth")
 MAX_HEADER_BYTES = 100_000_000          # safetensors' own limit
