@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from teasr_core.codecs.codec import Codec, PixelCodec, build_codec
+from teasr_core.codecs.build import build_codec
+from teasr_core.codecs.codec import Codec, PixelCodec
 from teasr_core.codecs.taef2 import BUNDLED_WEIGHTS, TAEF2Codec, default_weights_dir
 
 SHARED = Path(os.environ.get("TEASR_SHARED", Path(__file__).resolve().parents[1].parent / "shared"))

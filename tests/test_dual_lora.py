@@ -14,7 +14,9 @@ import safetensors.torch
 import torch
 
 from teasr_core.__main__ import main
-from teasr_core.formats.checkpoint import CheckpointError, load_checkpoint, load_qwen_image_base, read_metadata
+from teasr_core.formats.load import load_checkpoint, read_metadata
+from teasr_core.formats.qwen_image import load_qwen_image_base
+from teasr_core.safetensors_io import CheckpointError
 from teasr_core.network.lora import dual_lora_layers
 from conftest import assert_close_rel
 from test_checkpoint import QWEN_CFG, qwen_source, randomize, run, write_qwen

@@ -150,7 +150,8 @@ def test_loader_dtype_and_listing(pack, teasr_dir, tiny):
 
 
 def test_loader_bundled_choice_resolves_to_the_bundled_file(pack):
-    from teasr_pack.teasr_core.formats.checkpoint import BUNDLED_CHECKPOINT, CheckpointError
+    from teasr_pack.teasr_core.formats.load import BUNDLED_CHECKPOINT
+    from teasr_pack.teasr_core.safetensors_io import CheckpointError
     loader = pack.nodes.loader
     if BUNDLED_CHECKPOINT.is_file():
         assert loader.checkpoint_path(loader.BUNDLED) == BUNDLED_CHECKPOINT
@@ -161,7 +162,7 @@ def test_loader_bundled_choice_resolves_to_the_bundled_file(pack):
 
 def test_loader_reports_a_corrupt_checkpoint(pack, teasr_dir):
     from pathlib import Path
-    from teasr_pack.teasr_core.formats.checkpoint import CheckpointError
+    from teasr_pack.teasr_core.safetensors_io import CheckpointError
     (Path(teasr_dir) / "broken.safetensors").write_bytes(b"\x80\x04garbage, not a safetensors header")
     with pytest.raises(CheckpointError, match="broken.safetensors is not a readable safetensors file"):
         pack.nodes.loader.TEASRLoader.execute("broken.safetensors", "auto", False)
@@ -421,7 +422,7 @@ def test_conditioning_is_required_by_text_models_and_ignored_by_others(pack, tea
 # ---- packaging ---------------------------------------------------------------------------------------
 def test_pyproject_matches_requirements_and_pins_comfyui(pack):
     import tomllib
-    from teasr_pack.teasr_core.formats.checkpoint import BUNDLED_CHECKPOINT
+    from teasr_pack.teasr_core.formats.load import BUNDLED_CHECKPOINT
     project = tomllib.loads((REPO / "pyproject.toml").read_text())
     lines = [line.split("#")[0].strip() for line in (REPO / "requirements.txt").read_text().splitlines()]
     assert project["project"]["dependencies"] == [line for line in lines if line]

@@ -20,7 +20,8 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from conftest import REPO, shared_path
-from teasr_core.formats.checkpoint import _is_delta_key, load_checkpoint, read_metadata
+from teasr_core.formats.layout import is_delta_key
+from teasr_core.formats.load import load_checkpoint, read_metadata
 from teasr_core.network.lora import dual_lora_layers
 from teasr_core.network.model import DualBranchDiT, preset
 from teasr_core.formats.text_features import save_text_features
@@ -179,7 +180,7 @@ def test_lora_on_a_qwen_image_layout_base(tmp_path):
     """A base in Qwen-Image's layout (text stream, no TEASR tensors) trains as LoRA with a fixed context."""
     base_file, context_file = tmp_path / "base.safetensors", tmp_path / "context.safetensors"
     base = DualBranchDiT(preset("tiny", context_dim=40))
-    save_file({k: v for k, v in base.state_dict().items() if not _is_delta_key(k)}, base_file)
+    save_file({k: v for k, v in base.state_dict().items() if not is_delta_key(k)}, base_file)
     save_text_features(context_file, torch.randn(5, 40))
     train(*tiny_args(tmp_path / "run", "--base", str(base_file), "--context-file", str(context_file),
                      "--no-full-finetune", "--lora-ranks", "4", "4", "--max-steps", "2", "--batch", "2"))

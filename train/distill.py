@@ -41,11 +41,15 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
-from teasr_core.formats.checkpoint import (CheckpointError, _is_delta_key, infer_qwen_image_config, load_checkpoint,
-                                   load_qwen_image_base, read_metadata, save_checkpoint)
+from teasr_core.formats.checkpoint import save_checkpoint
+from teasr_core.formats.layout import is_delta_key
+from teasr_core.formats.load import load_checkpoint, read_metadata
+from teasr_core.formats.qwen_image import infer_qwen_image_config, load_qwen_image_base
+from teasr_core.safetensors_io import CheckpointError
+from teasr_core.codecs.build import codec_from_config
 from teasr_core.codecs.codec import PixelCodec
 from teasr_core.network.model import DualBranchDiT, preset
-from teasr_core.upscale.pipeline import Upscaler, UpscaleSettings, codec_from_config, upscale
+from teasr_core.upscale.pipeline import Upscaler, UpscaleSettings, upscale
 from teasr_core.codecs.qwen_vae import load_vae_codec
 from teasr_core.formats.text_features import load_text_features
 
@@ -214,7 +218,7 @@ def set_trainable(dit: DualBranchDiT, full: bool) -> None:
     is exactly what trained. Trained tensors are fp32 (AdamW master weights)."""
     unused = never_used(dit)
     for name, p in dit.named_parameters():
-        p.requires_grad_((full and name not in unused) or _is_delta_key(name))
+        p.requires_grad_((full and name not in unused) or is_delta_key(name))
         if p.requires_grad:
             p.data = p.data.float()
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from ..formats.checkpoint import _check_names, _read_tensors
+from ..safetensors_io import check_names, read_tensors
 from .codec import check_image
 
 CODEC_NAME = "qwen-image-vae"
@@ -97,7 +97,7 @@ def read_state_dict(path) -> dict[str, torch.Tensor]:
     if path.is_dir():
         folder = path / "vae" if (path / "vae" / DIFFUSERS_FILE).is_file() else path
         path = folder / DIFFUSERS_FILE
-    tensors = _read_tensors(path, "cpu")
+    tensors = read_tensors(path, "cpu")
     return comfy_layout(tensors) if DIFFUSERS_MARKER in tensors else tensors
 
 
@@ -204,7 +204,7 @@ def load_vae_codec(path, *, device="cpu", dtype: torch.dtype = torch.float32,
         raise VAEMismatch(f"{path} is not a Qwen-Image VAE: ComfyUI reads it as {kind}, while Qwen-Image latents "
                           f"have {LATENT_CHANNELS} channels (Wan 2.1 architecture, e.g. ComfyUI's "
                           "qwen_image_vae.safetensors)")
-    _check_names(path, {k: tuple(v.shape) for k, v in model.state_dict().items()},
+    check_names(path, {k: tuple(v.shape) for k, v in model.state_dict().items()},
                  {k: tuple(v.shape) for k, v in state.items()}, "ComfyUI's Qwen-Image (Wan 2.1) VAE")
     weights = fingerprint(state)
     if expected is not None:

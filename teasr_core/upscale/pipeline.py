@@ -19,8 +19,8 @@ from typing import Callable, Iterator, Protocol
 import torch
 import torch.nn.functional as F
 
-from ..codecs.codec import Codec, PixelCodec, build_codec, is_local, tiled_decode, tiled_encode
-from ..codecs.qwen_vae import CODEC_NAME as QWEN_VAE, load_vae_codec
+from ..codecs.build import codec_from_config
+from ..codecs.codec import Codec, is_local, tiled_decode, tiled_encode
 from ..network.model import DualBranchDiT
 from ..sampling import (MODES, NOISE_CELL, batch_sigma, noise_field, sampler_step, shifted_sigmas,
                         sigmas_from_timesteps, step_target)
@@ -124,7 +124,7 @@ class Upscaler:
         Latent models whose VAE lives outside this library (e.g. Qwen-Image's) need that VAE: its
         file as `vae`, or a ready `codec`.
         """
-        from ..formats.checkpoint import bundled_checkpoint_path, load_checkpoint
+        from ..formats.load import bundled_checkpoint_path, load_checkpoint
         dtype = dtype or default_dtype(device)
         ckpt = load_checkpoint(path or bundled_checkpoint_path(), device=device, dtype=dtype, fp8=fp8, base=base)
         return cls(ckpt.dit, codec or codec_from_config(ckpt.codec, device=device, vae=vae, dtype=dtype),
@@ -138,21 +138,6 @@ class Upscaler:
     def alignment(self) -> int:
         """Output sizes are padded to a multiple of this (codec scale x patch size)."""
         return self.codec.scale * self.dit.cfg.patch
-
-
-def codec_from_config(codec: dict, device="cpu", vae=None, dtype=None) -> Codec:
-    """Build the codec a checkpoint names; an external VAE's latent space needs that VAE's file (`vae`)."""
-    kind = codec.get("name")
-    if kind == "pixel":
-        return PixelCodec(scale=int(codec.get("scale", 8)))
-    if kind == "taef2":
-        return build_codec("taef2", device=device, latent_mean=codec.get("latent_mean"),
-                           latent_std=codec.get("latent_std"))
-    if kind == QWEN_VAE and vae is not None:
-        return load_vae_codec(vae, device=device, dtype=dtype or torch.float32, expected=codec)
-    raise ValueError(f"this checkpoint's latents come from an external VAE ({codec.get('vae', kind)!r}); "
-                     "pass that VAE's file (--vae on the command line) or a codec (in ComfyUI: connect the VAE "
-                     "input of TEASR Loader)")
 
 
 def validate_image(image: torch.Tensor) -> None:
