@@ -4,7 +4,7 @@
                                      [--allocator reuse|default] [--compare-allocator]
 
 The process is set up as the command line sets up its own (`--allocator reuse`, see
-teasr_core/process.py). `--compare-allocator` times both allocator settings in alternating
+teasr_core/upscale/process.py). `--compare-allocator` times both allocator settings in alternating
 child processes of this one run and prints their ratio.
 """
 from __future__ import annotations

@@ -25,7 +25,7 @@ def opt(default, doc: str):
 @dataclass(frozen=True)
 class TrainConfig:
     # ---- run ---------------------------------------------------------------------------------
-    preset: str = opt("small", "model size: teasr_core.model preset (tiny, small, small-pixel, base, qwen-image); "
+    preset: str = opt("small", "model size: teasr_core.network.model preset (tiny, small, small-pixel, base, qwen-image); "
                                "ignored with `base`")
     data: str = opt("", "folder of HR photos (recursive); required unless data_cache is set")
     data_cache: str = opt("", "pair caches made by `python -m train.pair_cache` (degraded pairs and their latents, "

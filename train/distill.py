@@ -5,9 +5,9 @@
     torchrun --nproc_per_node 2 -m train.distill ...            # DDP (gloo on CPU, nccl on CUDA)
     torchrun --nproc_per_node 8 -m train.distill --fsdp ...     # FSDP2, one shard group per block
 
-Outputs under `out`: checkpoints/step-N.safetensors (teasr_core.checkpoint format: the CLI and the
+Outputs under `out`: checkpoints/step-N.safetensors (teasr_core.formats.checkpoint format: the CLI and the
 ComfyUI loader read them unchanged), state/ (resume: safetensors + JSON, no pickle), samples/
-(LR | 1-step | 4-step | HR grids through teasr_core.pipeline.upscale), metrics.jsonl, train.log.
+(LR | 1-step | 4-step | HR grids through teasr_core.upscale.pipeline.upscale), metrics.jsonl, train.log.
 A metrics row: step, loss (the weighted total), every term unweighted, lr, sec_per_step (the
 optimizer step without data loading), fwd_grad / fwd_nograd (network passes per micro-batch with and
 without autograd; TAD-SR's half-depth discriminator-encoder passes are enc_grad / enc_nograd), and

@@ -148,7 +148,7 @@ def load_strict(net: nn.Module, path: Path) -> None:
 
 
 class TAEF2Codec:
-    """Frozen TAEF2 encoder/decoder with per-channel latent normalisation (see `Codec` in codecs.py).
+    """Frozen TAEF2 encoder/decoder with per-channel latent normalisation (see `Codec` in codec.py).
 
     Inputs are moved to the codec's device/dtype; outputs stay there. The nets have no trainable
     parameters, but `decode` is an ordinary differentiable function of its input. They run in
