@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from teasr_core.eval import metrics, weights
+from teasr_core.eval.niqe import niqe
 
 SHARED = Path(os.environ.get("TEASR_SHARED", Path(__file__).resolve().parents[1].parent / "shared"))
 DATA = SHARED / "data"
@@ -109,7 +110,7 @@ def test_evaluate_pair_matches_osediff(osediff, perceptual):
 @needs_shared
 def test_niqe_matches_osediff(osediff):
     sr, _, rows = osediff
-    ours = metrics.niqe(sr.float() * OSEDIFF_SCALE)
+    ours = niqe(sr.float() * OSEDIFF_SCALE)
     assert_close("NIQE", ours, [float(r["NIQE"]) for r in rows], [n for _, n in OSEDIFF])
 
 
@@ -125,7 +126,7 @@ def test_calibration_values(calibration, perceptual):
         picked = range(len(CALIBRATION)) if FULL else (0, 3)  # see FULL
         ours = torch.cat([dists(dist[i:i + 1], ref[i:i + 1]) for i in picked])
         assert_close("dists", ours, [tables["dists"][i] for i in picked], [CALIBRATION[i] for i in picked])
-    assert_close("niqe", metrics.niqe(dist), tables["niqe(ours)"], list(CALIBRATION))
+    assert_close("niqe", niqe(dist), tables["niqe(ours)"], list(CALIBRATION))
 
 
 def test_perceptual_losses_are_frozen_and_differentiable(perceptual):
@@ -144,7 +145,7 @@ def test_missing_weights_fail_with_setup_hint(tmp_path, monkeypatch):
     with pytest.raises(weights.MissingWeightsError, match="setup.sh"):
         metrics.LPIPS()
     with pytest.raises(weights.MissingWeightsError, match="setup.sh"):
-        metrics.niqe(torch.rand(1, 3, 96, 96))
+        niqe(torch.rand(1, 3, 96, 96))
 
 
 class _RunsShellCommand:

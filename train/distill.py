@@ -57,7 +57,8 @@ from .config import TrainConfig, parse_config
 from .data import PairStream, upsample_lr
 from .degrade import DegradationConfig
 from .pair_cache import CachedPairs
-from .objectives import PassCounter, build_objective
+from .objectives import PassCounter
+from .objectives.build import build_objective
 from .state import latest_state, load_state, rng_state, save_state, set_rng_state
 
 log = logging.getLogger("train")

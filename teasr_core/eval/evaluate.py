@@ -21,6 +21,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from . import metrics, weights
+from .niqe import niqe
 from .baselines import bicubic_upscale, load_realesrgan, realesrgan_upscale
 from ..upscale.imageio import IMAGE_EXTENSIONS, read_image
 
@@ -81,7 +82,7 @@ def evaluate(pairs, methods: dict[str, Method], device="cpu", figure_dir: Path |
                 if sr.shape != hr.shape:
                     raise ValueError(f"{name}: {method} gave {tuple(sr.shape[-2:])}, HR is {tuple(hr.shape[-2:])}")
                 row.update({k: float(v) for k, v in metrics.evaluate_pair(sr, hr, *scorers).items()})
-            row["niqe"] = float(metrics.niqe(sr, pristine)) if min(sr.shape[-2:]) >= 96 else float("nan")
+            row["niqe"] = float(niqe(sr, pristine)) if min(sr.shape[-2:]) >= 96 else float("nan")
             results[method]["images"][name] = row
             outputs[method] = sr
         if figure_dir is not None and index < 8:
