@@ -16,9 +16,9 @@ from comfy_api.latest import io
 import comfy.model_management as mm
 import comfy.utils
 
+from ..teasr_core.sampling import MAX_STEPS, MODES, sigmas_from_timesteps
 from ..teasr_core.upscale.color import COLOR_FIX_METHODS
 from ..teasr_core.upscale.pipeline import UpscaleSettings, bicubic_rows, count_model_calls, upscale_into, upscale_settings
-from ..teasr_core.sampling import MAX_STEPS, MODES, sigmas_from_timesteps
 from .model import TEASRModel
 
 CATEGORY = "image/upscaling/TEASR"

@@ -12,8 +12,8 @@ import comfy.model_management as mm
 import folder_paths
 from comfy.model_patcher import ModelPatcher
 
-from ..teasr_core.formats.load import BUNDLED_CHECKPOINT, TEASRCheckpoint, bundled_checkpoint_path, load_checkpoint
 from ..teasr_core.codecs.build import codec_from_config
+from ..teasr_core.formats.load import BUNDLED_CHECKPOINT, TEASRCheckpoint, bundled_checkpoint_path, load_checkpoint
 from .common import CATEGORY, SEARCH_ALIASES, TEASR_MODEL, schema
 from .model import ComfyVAECodec, TEASRModel
 

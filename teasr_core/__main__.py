@@ -9,12 +9,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from .formats.text_features import load_text_features
+from .sampling import MODES
 from .upscale.color import COLOR_FIX_METHODS
 from .upscale.imageio import IMAGE_EXTENSIONS, ImageCanvas, ImageReadError, read_image
 from .upscale.pipeline import Upscaler, bicubic_rows, count_model_calls, upscale, upscale_into, upscale_settings
 from .upscale.process import reuse_freed_memory
-from .sampling import MODES
-from .formats.text_features import load_text_features
 
 AUTO_TILE_ABOVE = 1536  # output side (px) above which --tile-size auto tiles
 AUTO_TILE = 1024

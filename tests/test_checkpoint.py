@@ -15,9 +15,9 @@ from teasr_core.formats import load as ckpt_module
 from teasr_core.formats.checkpoint import save_checkpoint
 from teasr_core.formats.load import load_checkpoint, read_metadata
 from teasr_core.formats.qwen_image import infer_qwen_image_config, load_qwen_image_base
-from teasr_core.safetensors_io import CheckpointError
 from teasr_core.network.lora import FP8
 from teasr_core.network.model import DualBranchDiT, preset
+from teasr_core.safetensors_io import CheckpointError
 from teasr_core.upscale.pipeline import Upscaler, default_dtype
 
 from conftest import assert_close_rel

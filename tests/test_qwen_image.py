@@ -20,11 +20,11 @@ from PIL import Image
 
 from conftest import shared_path
 from teasr_core.__main__ import main as cli
+from teasr_core.codecs.codec import is_local
+from teasr_core.codecs.qwen_vae import LATENT_MEAN, LATENT_STD, VAEMismatch, fingerprint, load_vae_codec, read_state_dict
 from teasr_core.formats.layout import is_delta_key
 from teasr_core.formats.load import read_metadata
-from teasr_core.codecs.codec import is_local
 from teasr_core.network.model import DualBranchDiT, preset
-from teasr_core.codecs.qwen_vae import LATENT_MEAN, LATENT_STD, VAEMismatch, fingerprint, load_vae_codec, read_state_dict
 from test_checkpoint import randomize
 from train.distill import main as distill
 

@@ -6,10 +6,10 @@ import torch
 
 from teasr_core.codecs.codec import PixelCodec
 from teasr_core.network.model import DualBranchDiT, preset
-from teasr_core.upscale.pipeline import UpscaleSettings, Upscaler, count_model_calls, upscale
 from teasr_core.sampling import (batch_noise, flow_map_step, noise_field, sample, shifted_sigmas,
                                  sigmas_from_timesteps)
 from teasr_core.tiling import feather, plan_tiles
+from teasr_core.upscale.pipeline import UpscaleSettings, Upscaler, count_model_calls, upscale
 
 
 def tiny_upscaler(seed: int = 0, local: bool = False) -> Upscaler:

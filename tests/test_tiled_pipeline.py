@@ -21,12 +21,12 @@ import pytest
 import torch
 from PIL import Image
 
-from teasr_core.upscale import pipeline
 from teasr_core.codecs.codec import PixelCodec
-from teasr_core.upscale.color import color_fix
 from teasr_core.network.model import DualBranchDiT, preset
-from teasr_core.upscale.pipeline import Reference, UpscaleSettings, Upscaler, resize_bicubic, upscale
 from teasr_core.tiling import gather
+from teasr_core.upscale import pipeline
+from teasr_core.upscale.color import color_fix
+from teasr_core.upscale.pipeline import Reference, UpscaleSettings, Upscaler, resize_bicubic, upscale
 
 from conftest import REPO, shared_path
 

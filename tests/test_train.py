@@ -22,9 +22,9 @@ from safetensors.torch import load_file, save_file
 from conftest import REPO, shared_path
 from teasr_core.formats.layout import is_delta_key
 from teasr_core.formats.load import load_checkpoint, read_metadata
+from teasr_core.formats.text_features import save_text_features
 from teasr_core.network.lora import dual_lora_layers
 from teasr_core.network.model import DualBranchDiT, preset
-from teasr_core.formats.text_features import save_text_features
 from train import bench_step
 from train.config import TrainConfig, parse_config
 from train.distill import main

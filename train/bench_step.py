@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from teasr_core.network.model import preset
 from teasr_core.formats.text_features import save_text_features
+from teasr_core.network.model import preset
 
 from .config import TrainConfig
 from .distill import Dist, Trainer

@@ -41,24 +41,24 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
+from teasr_core.codecs.build import codec_from_config
+from teasr_core.codecs.codec import PixelCodec
+from teasr_core.codecs.qwen_vae import load_vae_codec
 from teasr_core.formats.checkpoint import save_checkpoint
 from teasr_core.formats.layout import is_delta_key
 from teasr_core.formats.load import load_checkpoint, read_metadata
 from teasr_core.formats.qwen_image import infer_qwen_image_config, load_qwen_image_base
-from teasr_core.safetensors_io import CheckpointError
-from teasr_core.codecs.build import codec_from_config
-from teasr_core.codecs.codec import PixelCodec
-from teasr_core.network.model import DualBranchDiT, preset
-from teasr_core.upscale.pipeline import Upscaler, UpscaleSettings, upscale
-from teasr_core.codecs.qwen_vae import load_vae_codec
 from teasr_core.formats.text_features import load_text_features
+from teasr_core.network.model import DualBranchDiT, preset
+from teasr_core.safetensors_io import CheckpointError
+from teasr_core.upscale.pipeline import Upscaler, UpscaleSettings, upscale
 
 from .config import TrainConfig, parse_config
 from .data import PairStream, upsample_lr
 from .degrade import DegradationConfig
-from .pair_cache import CachedPairs
 from .objectives import PassCounter
 from .objectives.build import build_objective
+from .pair_cache import CachedPairs
 from .state import latest_state, load_state, rng_state, save_state, set_rng_state
 
 log = logging.getLogger("train")

@@ -23,8 +23,8 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file
 
-from .codec import check_image, tiled_map
 from ..tiling import Rows, RunningMoments, gather
+from .codec import check_image, tiled_map
 
 BUNDLED_WEIGHTS = Path(__file__).resolve().parents[1] / "bundled" / "taef2"
 WEIGHT_FILES = ("taef2_encoder.safetensors", "taef2_decoder.safetensors")

@@ -20,10 +20,10 @@ from PIL import Image
 
 from safetensors.torch import load_file
 
-from . import metrics, weights
-from .niqe import niqe
-from .baselines import bicubic_upscale, load_realesrgan, realesrgan_upscale
 from ..upscale.imageio import IMAGE_EXTENSIONS, read_image
+from . import metrics, weights
+from .baselines import bicubic_upscale, load_realesrgan, realesrgan_upscale
+from .niqe import niqe
 
 Method = Callable[[torch.Tensor], torch.Tensor]  # [1, 3, h, w] -> [1, 3, 4h, 4w], both in [0, 1]
 COLUMNS = ("psnr", "ssim", "lpips", "dists", "niqe", "sec")
