@@ -15,8 +15,6 @@ from safetensors import SafetensorError, safe_open
 
 SAFETENSORS_ONLY = ("TEASR checkpoints and Qwen-Image base weights are .safetensors files; "
                     "refusing to unpickle .ckpt/.pt/.pth")
-
-
 MAX_HEADER_BYTES = 100_000_000          # safetensors' own limit
 
 

@@ -22,14 +22,8 @@ from .checkpoint import METADATA_KEY
 from .layout import describe_config, finish_loading, fit_fp8_slots, is_delta_key, is_float8, is_lora_key, meta_model
 
 COMFY_PREFIX = "model.diffusion_model."
-
-
 QWEN_ROPE_AXES = (16, 56, 56)           # Qwen-Image's split of its 128-dim heads (frame, row, col)
-
-
 DIFFUSERS_INDEX = "diffusion_pytorch_model.safetensors.index.json"
-
-
 DIFFUSERS_SINGLE = "diffusion_pytorch_model.safetensors"
 
 
