@@ -45,7 +45,7 @@ from teasr_core.checkpoint import (CheckpointError, _is_delta_key, infer_qwen_im
                                    load_qwen_image_base, read_metadata, save_checkpoint)
 from teasr_core.codecs import PixelCodec
 from teasr_core.model import DualBranchDiT, preset
-from teasr_core.pipeline import Upscaler, UpscaleSettings, codec_from_config, upscale
+from teasr_core.pipeline import Upscaler, UpscaleSettings, codec_from_config, native_bf16, upscale
 from teasr_core.qwen_vae import load_vae_codec
 from teasr_core.text_features import load_text_features
 
@@ -238,14 +238,14 @@ class Trainer:
         device = env.device
         if cfg.base_dtype != "fp32" and not (device.type == "cuda" and cfg.bf16):
             raise ValueError("base_dtype = bf16 needs bf16 autocast on CUDA (trained fp32 tensors meet bf16 ones)")
-        self.autocast_enabled = device.type == "cuda" and cfg.bf16
+        self.autocast_enabled = cfg.bf16 and native_bf16(device)
         setup = build_model(cfg, device, mix_seed(cfg.seed, "init"))
         self.dit, self.codec, self.codec_config, self.preset = setup.dit, setup.codec, setup.codec_config, setup.preset
         self.context = setup.context
         align = self.codec.scale * self.dit.cfg.patch
         if cfg.crop % align:
             raise ValueError(f"crop {cfg.crop} must be a multiple of {align} (codec scale x patch size)")
-        self.lpips = load_lpips(device) if cfg.objective == "teasr" and cfg.w_lpips > 0 else None
+        self.lpips = load_lpips(device, cfg.perceptual_net) if cfg.objective == "teasr" and cfg.w_lpips > 0 else None
         self.objective = build_objective(cfg, self.dit, self.codec, self.lpips, device)
         self.engine = self._distribute()
         self.params = [p for p in self.engine.parameters() if p.requires_grad]
@@ -612,12 +612,13 @@ def _load_into(target: torch.Tensor, full: torch.Tensor) -> None:
     target.copy_(full)
 
 
-def load_lpips(device):
-    """LPIPS (AlexNet) from the converted weight cache, or None (logged) when it is absent."""
-    from teasr_core.eval.metrics import LPIPS
+def load_lpips(device, net: str = "alex"):
+    """The perceptual network `net` (LPIPS-Alex, LPIPS-VGG or DISTS) from the converted weight cache, or
+    None (logged) when it is absent."""
+    from teasr_core.eval.metrics import DISTS, LPIPS
     from teasr_core.eval.weights import MissingWeightsError
     try:
-        return LPIPS().to(device)
+        return (DISTS() if net == "dists" else LPIPS(net=net)).to(device)
     except MissingWeightsError as e:
         log.warning("LPIPS disabled, the perceptual term is off (pixel MSE only): %s", e)
         return None
