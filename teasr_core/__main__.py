@@ -147,6 +147,8 @@ def cmd_upscale(args) -> int:
     if done:   # outputs are written atomically, so one under its final name is complete
         print(f"{len(done)} of {len(pairs)} already upscaled in {args.output}: skipped (--overwrite redoes them)")
     todo = [pair for pair in pairs if pair not in done]
+    if not todo:
+        return 0
     upscaler = load_upscaler(args)
     failed = []
     for src, dst in tqdm(todo, desc="images", unit="img", disable=len(todo) <= 1):
