@@ -31,8 +31,9 @@ from PIL import Image, UnidentifiedImageError
 HEIF_EXTENSIONS = (".heic", ".heif")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff") + HEIF_EXTENSIONS
 HEIF_BRANDS = (b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1")   # ISO-BMFF ftyp brands
-# Pillow's own decompression-bomb limit (2 x its MAX_IMAGE_PIXELS of 89.5 MP): every photo the command
-# line read before still reads, and a header claiming more is refused before anything is decoded.
+# Pillow's own decompression-bomb limit (2 x its MAX_IMAGE_PIXELS of 89.5 MP), which the command line
+# hit before as a traceback: what read then still reads, and a header claiming more is refused (now
+# also on the 16-bit PNG path, which had no limit) before anything is decoded.
 DEFAULT_MAX_MEGAPIXELS = 179.0
 LIMIT_FLAG = "--max-megapixels"   # the command-line option that lifts the limit (upscale and eval)
 # Largest side each PIL-written format can store; a larger output is refused before the model runs.
