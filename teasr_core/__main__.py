@@ -43,8 +43,10 @@ def add_upscale_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tile-size", default="auto", help="output pixels per tile side, 'auto' or 0 (untiled)")
     p.add_argument("--tile-overlap", type=int, default=128, help="output pixels")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None,
-                   help="compute dtype (default: fp32 on CPU, bf16 on CUDA)")
+    p.add_argument("--dtype", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                   help="compute dtype of every stage; auto (default): per stage, the transformer in fp32 on CPU "
+                        "and bf16 on CUDA, the codec in bf16 where the processor runs it natively (CUDA, "
+                        "AVX-512 BF16 / AMX CPUs), else fp32")
     p.add_argument("--fp8", action="store_true", help="store the frozen base weights as fp8 e4m3")
     p.add_argument(LIMIT_FLAG, type=float, default=DEFAULT_MAX_MEGAPIXELS, metavar="MP",
                    help="refuse input images larger than this, checked on the header before decoding (a guard "
