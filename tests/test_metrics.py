@@ -160,3 +160,20 @@ def test_weight_pickles_admit_numpy_arrays_only():
     for protocol in (2, 3, 4, 5):
         with pytest.raises(pickle.UnpicklingError, match="system"):
             metrics.load_numpy_pickle(pickle.dumps({"w": _RunsShellCommand()}, protocol=protocol))
+
+
+def test_lpips_vgg_is_dists_vgg16_with_lpips_heads(calibration, perceptual):
+    """LPIPS-VGG (a training loss, not reported) shares DISTS's VGG16 convs, which the calibration checks above
+    validate, and orders the calibration pairs as LPIPS-Alex does (but for the two it places within 0.002 of each
+    other); identical images are at distance 0."""
+    vgg = metrics.LPIPS(net="vgg")
+    dists_convs = perceptual.dists.net.convs.state_dict()
+    assert all(torch.equal(v, dists_convs[k]) for k, v in vgg.net.convs.state_dict().items())
+    dist, ref, _ = calibration
+    dist, ref = dist.float() / 255, ref.float() / 255
+    with torch.no_grad():
+        ours, alex = vgg(dist, ref), perceptual.lpips(dist, ref)
+    assert torch.equal(ours.argsort()[2:], alex.argsort()[2:]) and set(alex.argsort()[:2].tolist()) == {2, 3}, (ours, alex)
+    assert vgg(ref[:1], ref[:1]).abs().item() < 1e-6
+    with pytest.raises(ValueError, match="LPIPS network"):
+        metrics.LPIPS(net="squeeze")

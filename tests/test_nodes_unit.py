@@ -392,6 +392,24 @@ def test_untiled_sampler_oom_points_to_the_tiled_node(pack, tiny, monkeypatch):
         sample(pack, tiny, torch.rand(1, 32, 32, 3))
 
 
+@pytest.mark.parametrize("node", [sample, tiled])
+def test_an_output_larger_than_free_memory_is_refused_before_any_work(pack, tiny, node, monkeypatch):
+    """A 60000 x 60000 IMAGE (a broadcast view: no memory) would need a 691 GB output; both nodes say so
+    at once, instead of allocating, or halving tiles that cannot help."""
+    import comfy.model_management as mm
+    forwards = []
+    monkeypatch.setattr(tiny.dit, "forward", lambda *a, **k: forwards.append(1))
+    huge = torch.zeros(1, 1, 1, 3).expand(1, 60000, 60000, 3)
+    with pytest.raises(ValueError, match=r"1 x 240000x240000 \(643.7 GiB as a float32 IMAGE\), more than the [0-9.]+ "
+                                         r"GiB of memory free on cpu. Upscale fewer images"):
+        node(pack, tiny, huge)
+    assert not forwards
+    free = mm.get_free_memory(mm.intermediate_device())
+    side = int((free / 2 / 4 / 3) ** 0.5 / 4)                     # an output of about half the free memory
+    from teasr_pack.nodes.common import check_output_fits
+    check_output_fits(torch.zeros(1, 1, 1, 3).expand(1, side, side, 3), 4)
+
+
 def test_other_errors_are_not_mistaken_for_oom(pack, tiny, monkeypatch):
     calls = []
 

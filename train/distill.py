@@ -51,7 +51,7 @@ from teasr_core.formats.qwen_image import infer_qwen_image_config, load_qwen_ima
 from teasr_core.formats.text_features import load_text_features
 from teasr_core.network.model import DualBranchDiT, preset
 from teasr_core.safetensors_io import CheckpointError
-from teasr_core.upscale.pipeline import Upscaler, UpscaleSettings, upscale
+from teasr_core.upscale.pipeline import Upscaler, UpscaleSettings, native_bf16, upscale
 
 from .config import TrainConfig, parse_config
 from .data import PairStream, upsample_lr
@@ -243,14 +243,14 @@ class Trainer:
         device = env.device
         if cfg.base_dtype != "fp32" and not (device.type == "cuda" and cfg.bf16):
             raise ValueError("base_dtype = bf16 needs bf16 autocast on CUDA (trained fp32 tensors meet bf16 ones)")
-        self.autocast_enabled = device.type == "cuda" and cfg.bf16
+        self.autocast_enabled = cfg.bf16 and native_bf16(device)
         setup = build_model(cfg, device, mix_seed(cfg.seed, "init"))
         self.dit, self.codec, self.codec_config, self.preset = setup.dit, setup.codec, setup.codec_config, setup.preset
         self.context = setup.context
         align = self.codec.scale * self.dit.cfg.patch
         if cfg.crop % align:
             raise ValueError(f"crop {cfg.crop} must be a multiple of {align} (codec scale x patch size)")
-        self.lpips = load_lpips(device) if cfg.objective == "teasr" and cfg.w_lpips > 0 else None
+        self.lpips = load_lpips(device, cfg.perceptual_net) if cfg.objective == "teasr" and cfg.w_lpips > 0 else None
         self.objective = build_objective(cfg, self.dit, self.codec, self.lpips, device)
         self.engine = self._distribute()
         self.params = [p for p in self.engine.parameters() if p.requires_grad]
@@ -617,12 +617,13 @@ def _load_into(target: torch.Tensor, full: torch.Tensor) -> None:
     target.copy_(full)
 
 
-def load_lpips(device):
-    """LPIPS (AlexNet) from the converted weight cache, or None (logged) when it is absent."""
-    from teasr_core.eval.metrics import LPIPS
+def load_lpips(device, net: str = "alex"):
+    """The perceptual network `net` (LPIPS-Alex, LPIPS-VGG or DISTS) from the converted weight cache, or
+    None (logged) when it is absent."""
+    from teasr_core.eval.metrics import DISTS, LPIPS
     from teasr_core.eval.weights import MissingWeightsError
     try:
-        return LPIPS().to(device)
+        return (DISTS() if net == "dists" else LPIPS(net=net)).to(device)
     except MissingWeightsError as e:
         log.warning("LPIPS disabled, the perceptual term is off (pixel MSE only): %s", e)
         return None

