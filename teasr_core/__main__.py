@@ -34,6 +34,8 @@ def add_upscale_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--mode", choices=MODES, default="jump", help="sampler (default: jump)")
     p.add_argument("--shift", type=float, default=1.0, help="sigma-grid time shift")
+    p.add_argument("--stochasticity", type=float, default=1.0,
+                   help="renoise sampler: share of fresh noise per step (0 = re-use the predicted noise, 1 = all fresh)")
     p.add_argument("--timesteps", help='explicit timesteps on the 0..1000 scale, e.g. "999,500"')
     p.add_argument("--start-strength", type=float, default=0.5,
                    help="1 = from pure noise; <1 = from the noised bicubic upscale (default 0.5)")
@@ -81,6 +83,7 @@ def tile_for(args, out_hw: tuple[int, int]) -> int | None:
 def settings_for(args, steps: int, image_hw: tuple[int, int]):
     out_hw = (image_hw[0] * args.scale, image_hw[1] * args.scale)
     return upscale_settings(steps=steps, scale=args.scale, seed=args.seed, mode=args.mode, shift=args.shift,
+                            stochasticity=args.stochasticity,
                             timesteps=args.timesteps, start_strength=args.start_strength, end_ratio=args.end_ratio,
                             color_fix=args.color_fix, tile=tile_for(args, out_hw), tile_overlap=args.tile_overlap)
 

@@ -172,3 +172,14 @@ def test_bad_images_are_refused(image, message):
 def test_tiny_input_works():
     out = upscale(tiny_upscaler(), torch.rand(1, 3, 1, 1))
     assert out.shape == (1, 3, 4, 4)
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(mode="euler"), "unknown sampler mode"),
+    (dict(mode="renoise", stochasticity=1.5), "stochasticity"),
+    (dict(stochasticity=-0.1), "stochasticity"),
+])
+def test_bad_settings_are_refused_when_made(settings, message):
+    """Every knob is checked where the settings are made, before a model runs (CLI flags, node inputs)."""
+    with pytest.raises(ValueError, match=message):
+        UpscaleSettings(**settings)

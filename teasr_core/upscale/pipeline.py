@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from ..codecs.build import codec_from_config
 from ..codecs.codec import Codec, is_local, tiled_decode, tiled_encode
 from ..network.model import DualBranchDiT
-from ..sampling import (MODES, NOISE_CELL, batch_sigma, noise_field, sampler_step, shifted_sigmas,
+from ..sampling import (NOISE_CELL, batch_sigma, check_mode, noise_field, sampler_step, shifted_sigmas,
                         sigmas_from_timesteps, step_target)
 from ..tiling import Rows, RowStream, RunningMoments, Tile, blend_rows, gather, plan_tiles
 from .color import COLOR_FIX_METHODS, WAVELET_RADIUS, adain_apply, wavelet_fix
@@ -80,8 +80,7 @@ class UpscaleSettings:
     color_fix: str = "wavelet"            # one of color.COLOR_FIX_METHODS
 
     def __post_init__(self):
-        if self.mode not in MODES:
-            raise ValueError(f"unknown sampler mode {self.mode!r}; choose one of {MODES}")
+        check_mode(self.mode, self.stochasticity)
         if self.color_fix not in COLOR_FIX_METHODS:
             raise ValueError(f"unknown color fix {self.color_fix!r}; choose one of {COLOR_FIX_METHODS}")
         if not 1 <= self.scale <= 8:
