@@ -145,15 +145,20 @@ class Upscaler:
                         base=None, vae=None) -> "Upscaler":
         """Load a TEASR checkpoint (the bundled default when path is None) to compute in `dtype`
         (default: `default_dtype(device)`, whatever the file stores), its codec in `codec_dtype`
-        (default: `dtype` when given, else `default_codec_dtype(device)`): precision per stage.
+        (default: `dtype` when given, else `default_codec_dtype(device)` for TAEF2 and the
+        transformer's dtype for an external VAE): precision per stage.
 
         Latent models whose VAE lives outside this library (e.g. Qwen-Image's) need that VAE: its
         file as `vae`, or a ready `codec`.
         """
         from ..formats.load import bundled_checkpoint_path, load_checkpoint
-        codec_dtype = codec_dtype or dtype or default_codec_dtype(device)
+        dtype_given = dtype
         dtype = dtype or default_dtype(device)
         ckpt = load_checkpoint(path or bundled_checkpoint_path(), device=device, dtype=dtype, fp8=fp8, base=base)
+        # auto: bf16 where native for this library's TAEF2 (fp32 ends keep its outputs precise); an external
+        # VAE (Qwen-Image's, run by ComfyUI's code) in the transformer's dtype, as ComfyUI's own nodes run it
+        own_codec = ckpt.codec.get("name") == "taef2"
+        codec_dtype = codec_dtype or dtype_given or (default_codec_dtype(device) if own_codec else dtype)
         return cls(ckpt.dit, codec or codec_from_config(ckpt.codec, device=device, vae=vae, dtype=codec_dtype),
                    end_ratio=ckpt.end_ratio)
 
