@@ -22,8 +22,8 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from teasr_core.lora import dual_lora_layers  # noqa: E402
-from teasr_core.model import DualBranchDiT, count_parameters, preset  # noqa: E402
+from teasr_core.network.lora import dual_lora_layers  # noqa: E402
+from teasr_core.network.model import DualBranchDiT, count_parameters, preset  # noqa: E402
 
 
 def comfy_model(cfg, device, dtype):

@@ -1,11 +1,15 @@
 """Wall time of a whole upscale (encode, sampling, decode, colour fix) per step count, in ONE run.
 
   python benchmarks/bench_upscale.py [--checkpoint F] [--size 256] [--steps 1,4] [--device cpu]
-                                     [--allocator reuse|default] [--compare-allocator]
+                                     [--dtype auto|fp32|bf16] [--allocator reuse|default]
+                                     [--compare-allocator | --compare realesrgan]
 
 The process is set up as the command line sets up its own (`--allocator reuse`, see
-teasr_core/process.py). `--compare-allocator` times both allocator settings in alternating
-child processes of this one run and prints their ratio.
+teasr_core/upscale/process.py), the model in the command line's precision (`--dtype auto`: per stage).
+`--compare-allocator` times both allocator settings in alternating child processes of this one
+run and prints their ratio. `--compare realesrgan` times Real-ESRGAN x4plus (the eval's own
+implementation, bf16 where the CPU runs it natively, else fp32) on the same image, interleaved
+with the model's runs in this process, and prints each step count's time as a share of its.
 """
 from __future__ import annotations
 
@@ -18,29 +22,40 @@ import sys
 import time
 from pathlib import Path
 
+from typing import Callable
+
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from teasr_core.pipeline import UpscaleSettings, Upscaler, default_dtype, upscale  # noqa: E402
-from teasr_core.process import reuse_freed_memory  # noqa: E402
+from teasr_core.upscale.pipeline import UpscaleSettings, Upscaler, native_bf16, upscale  # noqa: E402
+from teasr_core.upscale.process import reuse_freed_memory  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def time_upscale(upscaler: Upscaler, size: int, steps: list[int], repeats: int) -> dict[int, dict]:
-    """Best and median seconds of a whole untiled upscale of a random size x size image, per step count."""
+def seconds(run: Callable[[], object], cuda: bool) -> float:
+    t0 = time.perf_counter()
+    run()
+    if cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def time_upscale(upscaler: Upscaler, size: int, steps: list[int], repeats: int,
+                 others: dict[str, Callable[[torch.Tensor], object]] | None = None) -> dict:
+    """Best and median seconds of a whole untiled upscale of a random size x size image, per step count
+    (and per method in `others`, timed on the same image, each round after the model's)."""
     image = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0))
     cuda = upscaler.device.type == "cuda"
-    upscale(upscaler, image, UpscaleSettings(steps=1))  # warm-up
-    results = {}
-    for n in steps:
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            upscale(upscaler, image, UpscaleSettings(steps=n))
-            if cuda:
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
-        results[n] = {"best": min(times), "median": sorted(times)[len(times) // 2]}
-    return results
+    runs = {n: (lambda n=n: upscale(upscaler, image, UpscaleSettings(steps=n))) for n in steps}
+    runs.update({name: (lambda f=f: f(image)) for name, f in (others or {}).items()})
+    for run in runs.values():   # warm-up
+        run()
+    rounds = {key: [] for key in runs}
+    for _ in range(repeats):    # interleaved, so a load change on the machine hits every method alike
+        for key, run in runs.items():
+            rounds[key].append(seconds(run, cuda))
+    return {key: {"best": min(t), "median": sorted(t)[len(t) // 2]} for key, t in rounds.items()}
 
 
 def compare_allocators(args, rounds: int = 2) -> None:
@@ -49,7 +64,7 @@ def compare_allocators(args, rounds: int = 2) -> None:
     for _ in range(rounds):
         for allocator in best:
             cmd = [sys.executable, __file__, "--allocator", allocator, "--json", "--size", str(args.size),
-                   "--steps", args.steps, "--device", args.device, "--repeats", str(args.repeats)]
+                   "--steps", args.steps, "--device", args.device, "--repeats", str(args.repeats), "--dtype", args.dtype]
             if args.checkpoint:
                 cmd += ["--checkpoint", str(args.checkpoint)]
             child = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
@@ -71,23 +86,44 @@ def main():
     ap.add_argument("--allocator", choices=("reuse", "default"), default="reuse",
                     help="reuse: keep freed memory as the command line does; default: glibc's own behaviour")
     ap.add_argument("--compare-allocator", action="store_true", help="time both allocator settings")
+    ap.add_argument("--compare", choices=("realesrgan",), help="also time Real-ESRGAN x4plus, interleaved")
+    ap.add_argument("--dtype", choices=("auto", *DTYPES), default="auto",
+                    help="as the command line's --dtype (auto: precision per stage)")
     ap.add_argument("--json", action="store_true", help="print the results as JSON only")
     args = ap.parse_args()
     if args.compare_allocator:
         return compare_allocators(args)
     if args.allocator == "reuse" and not reuse_freed_memory():
         print("# note: this C library does not take the allocator setting; timing its default", file=sys.stderr)
-    dtype = default_dtype(args.device)
+    dtype = DTYPES.get(args.dtype)
     upscaler = Upscaler.from_checkpoint(args.checkpoint, device=args.device, dtype=dtype)
+    others = {}
+    if args.compare == "realesrgan":
+        from teasr_core.eval.baselines import load_realesrgan, realesrgan_upscale
+        esrgan_dtype = torch.bfloat16 if native_bf16(args.device) else torch.float32
+        esrgan = load_realesrgan(args.device, esrgan_dtype)
+        others[f"Real-ESRGAN x4plus ({str(esrgan_dtype)[6:]})"] = lambda image: realesrgan_upscale(esrgan, image)
     where = torch.cuda.get_device_name() if args.device.startswith("cuda") else \
-        f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
-    results = time_upscale(upscaler, args.size, [int(s) for s in args.steps.split(",")], args.repeats)
+        f"{cpu_name()} CPU ({'native bf16' if native_bf16('cpu') else 'no native bf16'}), {torch.get_num_threads()} threads"
+    results = time_upscale(upscaler, args.size, [int(s) for s in args.steps.split(",")], args.repeats, others)
     if args.json:
         return print(json.dumps(results))
-    print(f"# {datetime.date.today()} {where}, torch {torch.__version__}, {dtype}, "
-          f"{args.size}^2 -> {4 * args.size}^2, untiled, allocator {args.allocator}, best of {args.repeats}")
-    for steps, t in results.items():
-        print(f"steps={steps:2d}  {t['best']:7.2f} s  (median {t['median']:.2f} s)")
+    precision = f"transformer {str(upscaler.dit.compute_dtype)[6:]}, codec {str(getattr(upscaler.codec, 'dtype', 'none'))[6:]}"
+    print(f"# {datetime.date.today()} {where}, torch {torch.__version__}, {precision}, "
+          f"{args.size}^2 -> {4 * args.size}^2, untiled, allocator {args.allocator}, best of {args.repeats} (interleaved)")
+    reference = results.get(next(iter(others), None))
+    for key, t in results.items():
+        label = f"steps={key:2d}" if isinstance(key, int) else key
+        ratio = f"   {t['best'] / reference['best']:.2f}x Real-ESRGAN's time" if reference and isinstance(key, int) else ""
+        print(f"{label:32s} {t['best']:7.2f} s  (median {t['median']:.2f} s){ratio}")
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
 
 
 if __name__ == "__main__":

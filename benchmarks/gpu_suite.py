@@ -117,7 +117,7 @@ def run_step(name: str, smoke: bool, record: Partial) -> None:
                 on_result=lambda r: record.append("results", r))
     elif name == "upscale":
         from bench_upscale import time_upscale
-        from teasr_core.pipeline import Upscaler
+        from teasr_core.upscale.pipeline import Upscaler
         sizes, steps, repeats = shape["upscale"]
         upscaler = Upscaler.from_checkpoint(device=device)
         for size in sizes:

@@ -77,7 +77,7 @@ class LiveBytes(TorchDispatchMode):
 def measure(depth: int, schedule: str, resolution: int, rank: int) -> dict:
     """One step in this process (its own allocator state); the bytes the account needs."""
     import torch.nn.functional as F
-    from teasr_core import model as model_module
+    from teasr_core.network import model as model_module
     from train.bench_step import random_context
     from train.config import TrainConfig
     from train.distill import Dist, Trainer

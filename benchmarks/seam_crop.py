@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from teasr_core.imageio import read_image, write_image  # noqa: E402
-from teasr_core.pipeline import UpscaleSettings, Upscaler, plan_for, upscale  # noqa: E402
+from teasr_core.upscale.imageio import read_image, write_image  # noqa: E402
+from teasr_core.upscale.pipeline import UpscaleSettings, Upscaler, plan_for, upscale  # noqa: E402
 
 
 def main() -> None:

@@ -16,9 +16,9 @@ from comfy_api.latest import io
 import comfy.model_management as mm
 import comfy.utils
 
-from ..teasr_core.color import COLOR_FIX_METHODS
-from ..teasr_core.pipeline import UpscaleSettings, bicubic_rows, count_model_calls, upscale_into, upscale_settings
 from ..teasr_core.sampling import MAX_STEPS, MODES, sigmas_from_timesteps
+from ..teasr_core.upscale.color import COLOR_FIX_METHODS
+from ..teasr_core.upscale.pipeline import UpscaleSettings, bicubic_rows, count_model_calls, upscale_into, upscale_settings
 from .model import TEASRModel
 
 CATEGORY = "image/upscaling/TEASR"
@@ -148,6 +148,24 @@ class ImageCanvas:
 
     def read(self, y0: int, y1: int) -> torch.Tensor:
         return self.output[self.index, y0:y1, :, :self.colors].movedim(-1, 0)[None].float()
+
+
+def check_output_fits(image: torch.Tensor, scale: int) -> None:
+    """Refuse, before any work, an output IMAGE larger than the memory free for it, naming both sizes.
+
+    The IMAGE is float32 and whole (ComfyUI passes images between nodes in memory), so no tile size
+    makes a too-large one fit; the tiled node would otherwise halve its tile down to the floor and
+    then blame the tiles. (Files are read by ComfyUI's own loaders, whose size check is Pillow's.)
+    """
+    batch, height, width, channels = image.shape
+    device = mm.intermediate_device()   # where upscale_images puts the output
+    need = batch * height * scale * width * scale * channels * 4
+    free = mm.get_free_memory(device)
+    if need > free:
+        raise ValueError(f"TEASR: the x{scale} output of {batch} x {width}x{height} is {batch} x {width * scale}x"
+                         f"{height * scale} ({need / 2**30:.1f} GiB as a float32 IMAGE), more than the "
+                         f"{free / 2**30:.1f} GiB of memory free on {device}. Upscale fewer images per batch or a "
+                         "smaller image (e.g. Upscale Image By 0.5 first), or free memory.")
 
 
 def upscale_images(model: TEASRModel, image: torch.Tensor, settings: UpscaleSettings, conditioning=None) -> torch.Tensor:

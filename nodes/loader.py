@@ -12,8 +12,9 @@ import comfy.model_management as mm
 import folder_paths
 from comfy.model_patcher import ModelPatcher
 
-from ..teasr_core.checkpoint import BUNDLED_CHECKPOINT, TEASRCheckpoint, bundled_checkpoint_path, load_checkpoint
-from ..teasr_core.pipeline import codec_from_config
+from ..teasr_core.codecs.build import codec_from_config
+from ..teasr_core.formats.load import BUNDLED_CHECKPOINT, TEASRCheckpoint, bundled_checkpoint_path, load_checkpoint
+from ..teasr_core.upscale.pipeline import default_codec_dtype
 from .common import CATEGORY, SEARCH_ALIASES, TEASR_MODEL, schema
 from .model import ComfyVAECodec, TEASRModel
 
@@ -55,13 +56,13 @@ def compute_dtype(choice: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def codec_for(ckpt: TEASRCheckpoint, vae, device: torch.device, name: str):
-    """The checkpoint's own codec, or the connected ComfyUI VAE for external-VAE checkpoints."""
+def codec_for(ckpt: TEASRCheckpoint, vae, device: torch.device, name: str, dtype: torch.dtype):
+    """The checkpoint's own codec (computing in `dtype`), or the connected ComfyUI VAE for external-VAE checkpoints."""
     kind = ckpt.codec.get("name")
     if kind in SELF_CONTAINED_CODECS:
         if vae is not None:
             log.warning("TEASR: %s carries its own %r codec; the connected VAE is not used", name, kind)
-        return codec_from_config(ckpt.codec, device=device)
+        return codec_from_config(ckpt.codec, device=device, dtype=dtype)
     if vae is None:
         raise ValueError(f"{name} works in the latent space of an external VAE "
                          f"({ckpt.codec.get('vae') or kind!r}): connect that VAE (e.g. Load VAE) to the vae input "
@@ -119,6 +120,7 @@ class TEASRLoader(io.ComfyNode):
         base = None if base_model == NO_BASE else folder_paths.get_full_path_or_raise(BASE_FOLDER, base_model)
         device, offload = mm.get_torch_device(), mm.unet_offload_device()
         ckpt = load_checkpoint(path, device=offload, dtype=compute_dtype(dtype, device), fp8=fp8_base, base=base)
-        codec = codec_for(ckpt, vae, device, path.stem)
+        codec_dtype = DTYPES[dtype] if dtype != "auto" else default_codec_dtype(device)
+        codec = codec_for(ckpt, vae, device, path.stem, codec_dtype)
         patcher = ModelPatcher(ckpt.dit, load_device=device, offload_device=offload)
         return io.NodeOutput(TEASRModel(patcher, codec, ckpt.meta, path.stem, ckpt.end_ratio))

@@ -18,10 +18,10 @@ import torch
 import comfy.model_management as mm
 from comfy.model_patcher import ModelPatcher
 
-from ..teasr_core.codecs import check_image
-from ..teasr_core.model import DualBranchDiT
-from ..teasr_core.pipeline import Upscaler
-from ..teasr_core.qwen_vae import check_same_vae, fingerprint
+from ..teasr_core.codecs.codec import check_image
+from ..teasr_core.codecs.qwen_vae import check_same_vae, fingerprint
+from ..teasr_core.network.model import DualBranchDiT
+from ..teasr_core.upscale.pipeline import Upscaler
 
 # Share of the free memory (after the weights are loaded) a window may use: VRAM is ours for the
 # duration of the node; host RAM is shared with ComfyUI's caches and everything else.

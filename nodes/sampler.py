@@ -4,8 +4,9 @@ from __future__ import annotations
 import torch
 from comfy_api.latest import io
 
-from .common import (CATEGORY, SEARCH_ALIASES, build_settings, image_output, model_and_image_inputs,
-                     optional_inputs, raise_non_oom, sampling_inputs, schema, timesteps_error, upscale_images)
+from .common import (CATEGORY, SEARCH_ALIASES, build_settings, check_output_fits, image_output,
+                     model_and_image_inputs, optional_inputs, raise_non_oom, sampling_inputs, schema, timesteps_error,
+                     upscale_images)
 
 
 class TEASRAnyStepSampler(io.ComfyNode):
@@ -32,6 +33,7 @@ class TEASRAnyStepSampler(io.ComfyNode):
                 end_ratio=None, conditioning=None) -> io.NodeOutput:
         settings = build_settings(steps=steps, seed=seed, mode=mode, shift=shift, start_strength=start_strength,
                                   color_fix=color_fix, timesteps=timesteps, end_ratio=end_ratio)
+        check_output_fits(image, settings.scale)
         try:
             return io.NodeOutput(upscale_images(model, image, settings, conditioning))
         except Exception as e:

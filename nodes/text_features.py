@@ -7,7 +7,7 @@ from comfy_api.latest import io, ui
 
 import folder_paths
 
-from ..teasr_core.text_features import save_text_features
+from ..teasr_core.formats.text_features import save_text_features
 from .common import CATEGORY, schema
 
 

@@ -9,8 +9,9 @@ from comfy_api.latest import io
 
 import comfy.model_management as mm
 
-from .common import (CATEGORY, SEARCH_ALIASES, build_settings, image_output, model_and_image_inputs,
-                     optional_inputs, raise_non_oom, sampling_inputs, schema, timesteps_error, upscale_images)
+from .common import (CATEGORY, SEARCH_ALIASES, build_settings, check_output_fits, image_output,
+                     model_and_image_inputs, optional_inputs, raise_non_oom, sampling_inputs, schema, timesteps_error,
+                     upscale_images)
 from .model import TEASRModel
 
 TILE_FLOOR = 128   # output px: below this the overlap eats the tile and OOM means memory is simply too short
@@ -67,6 +68,7 @@ class TEASRTiledUpscale(io.ComfyNode):
         settings = build_settings(steps=steps, seed=seed, mode=mode, shift=shift, start_strength=start_strength,
                                   color_fix=color_fix, timesteps=timesteps, end_ratio=end_ratio,
                                   tile_overlap=tile_overlap)
+        check_output_fits(image, settings.scale)
         out_hw = (image.shape[1] * settings.scale, image.shape[2] * settings.scale)
         tile = tile_size or auto_tile_size(model, out_hw)
         while True:

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from teasr_core.checkpoint import save_checkpoint
-from teasr_core.model import DualBranchDiT, preset
+from teasr_core.formats.checkpoint import save_checkpoint
+from teasr_core.network.model import DualBranchDiT, preset
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("TEASR_SHARED", REPO.parent / "shared"))

@@ -17,8 +17,8 @@ from conftest import shared_path
 from teasr_core.eval.baselines import bicubic_upscale
 from teasr_core.eval.evaluate import pair_files, quantise_8bit
 from teasr_core.eval.metrics import evaluate_pair, load_metrics
-from teasr_core.imageio import read_image
-from teasr_core.pipeline import Upscaler, UpscaleSettings, upscale
+from teasr_core.upscale.imageio import read_image
+from teasr_core.upscale.pipeline import Upscaler, UpscaleSettings, upscale
 
 # How far below bicubic's LPIPS the model must be on these six pairs: "clearly". Measured 2026-11-30 (fp32,
 # this CPU): 1 step 0.302, 4 steps 0.308, bicubic 0.388; PSNR-Y 26.61 / 26.11 / 28.10 dB.

@@ -11,12 +11,14 @@ import safetensors.torch
 import torch
 from safetensors import safe_open
 
-from teasr_core import checkpoint as ckpt_module
-from teasr_core.checkpoint import (CheckpointError, infer_qwen_image_config, load_checkpoint, load_qwen_image_base,
-                                   read_metadata, save_checkpoint)
-from teasr_core.lora import FP8
-from teasr_core.model import DualBranchDiT, preset
-from teasr_core.pipeline import Upscaler, default_dtype
+from teasr_core.formats import load as ckpt_module
+from teasr_core.formats.checkpoint import save_checkpoint
+from teasr_core.formats.load import load_checkpoint, read_metadata
+from teasr_core.formats.qwen_image import infer_qwen_image_config, load_qwen_image_base
+from teasr_core.network.lora import FP8
+from teasr_core.network.model import DualBranchDiT, preset
+from teasr_core.safetensors_io import CheckpointError
+from teasr_core.upscale.pipeline import Upscaler, default_codec_dtype, default_dtype, native_bf16
 
 from conftest import assert_close_rel
 
@@ -101,6 +103,18 @@ def test_fp16_file_is_half_the_size_and_loads_within_fp16_tolerance(tmp_path):
     assert Upscaler.from_checkpoint(half).dit.compute_dtype == torch.float32
     assert Upscaler.from_checkpoint(half, dtype=torch.bfloat16).dit.compute_dtype == torch.bfloat16
     assert default_dtype("cuda:0") == torch.bfloat16 and default_dtype(torch.device("cpu")) == torch.float32
+
+
+def test_precision_per_stage_codec_in_bf16_where_native():
+    """auto: the transformer in default_dtype, the codec in bf16 only where bf16 is native; an explicit dtype: both."""
+    assert default_codec_dtype("cuda:0") == torch.bfloat16
+    assert default_codec_dtype("cpu") == (torch.bfloat16 if native_bf16("cpu") else torch.float32)
+    auto = Upscaler.from_checkpoint()
+    assert (auto.dit.compute_dtype, auto.codec.dtype) == (torch.float32, default_codec_dtype("cpu"))
+    fp32 = Upscaler.from_checkpoint(dtype=torch.float32)
+    assert (fp32.dit.compute_dtype, fp32.codec.dtype) == (torch.float32, torch.float32)
+    mixed = Upscaler.from_checkpoint(dtype=torch.float32, codec_dtype=torch.bfloat16)
+    assert (mixed.dit.compute_dtype, mixed.codec.dtype) == (torch.float32, torch.bfloat16)
 
 
 def test_lora_delta_on_a_full_base_equals_the_full_model(tmp_path):

@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 
 from teasr_core.__main__ import main
-from teasr_core.imageio import read_image, write_image
-from teasr_core.process import reuse_freed_memory
+from teasr_core.upscale.imageio import read_image, write_image
+from teasr_core.upscale.process import reuse_freed_memory
 
 from conftest import REPO, shared_path
 

@@ -10,8 +10,10 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from teasr_core.codecs import Codec, PixelCodec, build_codec
-from teasr_core.taef2 import BUNDLED_WEIGHTS, TAEF2Codec, default_weights_dir
+from teasr_core.codecs.build import build_codec
+from teasr_core.codecs.codec import Codec, PixelCodec
+from teasr_core.codecs.taef2 import BUNDLED_WEIGHTS, TAEF2Codec, default_weights_dir
+from teasr_core.tiling import gather
 
 SHARED = Path(os.environ.get("TEASR_SHARED", Path(__file__).resolve().parents[1].parent / "shared"))
 TAEF2_DIR = SHARED / "weights" / "taef2"
@@ -123,3 +125,25 @@ def test_taef2_decode_is_differentiable_and_checks_shapes(taef2):
         taef2.decode(torch.randn(1, 16, 4, 4))
     with pytest.raises(ValueError, match="32 values"):
         TAEF2Codec(weights_dir=TAEF2_DIR, latent_mean=[0.0] * 16)
+
+
+@needs_shared
+def test_taef2_in_bf16_agrees_with_fp32_whole_and_tiled(taef2):
+    """A bf16 codec (the default where bf16 is native) stays within a rounding step of the fp32 one.
+
+    Its first/last layers stay fp32, so latents and pixels come out in float32; the tiled paths (whole-image
+    norm statistics, float32 blending) take the bf16 nets too. Holds on any CPU: bf16 is emulated where not native.
+    """
+    half = build_codec("taef2", weights_dir=TAEF2_DIR, dtype=torch.bfloat16)
+    hr = sorted((SHARED / "data" / "RealSR_crop128" / "hr").glob("*.png"))[0]
+    image = torch.from_numpy(np.array(Image.open(hr).convert("RGB"))).permute(2, 0, 1)[None, :, :128, :192].float() / 255
+    with torch.no_grad():
+        latent, latent_half = taef2.encode(image), half.encode(image)
+        decoded, decoded_half = taef2.decode(latent), half.decode(latent)
+        tiled = gather(half.decode_tiled(latent, 8))
+        tiled_latent = half.encode_tiled(lambda y0, y1, x0, x1: image[..., y0:y1, x0:x1], tuple(latent.shape[-2:]), 8)
+    assert latent_half.dtype == decoded_half.dtype == torch.float32
+    assert (latent_half - latent).abs().mean() < 0.02 * latent.abs().mean()
+    assert (decoded_half - decoded).abs().mean() < 1 / 255 and (decoded_half - decoded).abs().max() < 16 / 255
+    assert (tiled - decoded_half).abs().mean() < 1 / 255
+    assert (tiled_latent - latent_half).abs().mean() < 0.02 * latent.abs().mean()

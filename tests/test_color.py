@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from teasr_core.color import COLOR_FIX_METHODS, color_fix, wavelet_lowpass
+from teasr_core.upscale.color import COLOR_FIX_METHODS, color_fix, wavelet_lowpass
 
 
 def layers(seed: int, size=(128, 128)):

@@ -13,10 +13,12 @@ import pytest
 import safetensors.torch
 import torch
 
-from teasr_core.__main__ import main
-from teasr_core.checkpoint import CheckpointError, load_checkpoint, load_qwen_image_base, read_metadata
-from teasr_core.lora import dual_lora_layers
 from conftest import assert_close_rel
+from teasr_core.__main__ import main
+from teasr_core.formats.load import load_checkpoint, read_metadata
+from teasr_core.formats.qwen_image import load_qwen_image_base
+from teasr_core.network.lora import dual_lora_layers
+from teasr_core.safetensors_io import CheckpointError
 from test_checkpoint import QWEN_CFG, qwen_source, randomize, run, write_qwen
 
 

@@ -13,7 +13,7 @@ from teasr_core.eval.evaluate import pair_files
 from teasr_core.eval.metrics import psnr_y
 from teasr_core.eval.prepare import CONVERTERS, prepare
 from teasr_core.eval.weights import WEIGHTS_DIR
-from teasr_core.imageio import read_image
+from teasr_core.upscale.imageio import read_image
 
 from conftest import REPO, shared_path
 
@@ -65,7 +65,7 @@ def test_unpaired_lr_is_reported(tmp_path):
 
 def test_the_upscale_path_never_imports_the_evaluation_tools():
     """teasr_core/eval/ is tooling: the CLI, the pipeline and the node pack's core imports stay without it."""
-    probe = ("import sys, teasr_core.__main__, teasr_core.pipeline, teasr_core.checkpoint, teasr_core.taef2; "
+    probe = ("import sys, teasr_core.__main__, teasr_core.upscale.pipeline, teasr_core.formats.load, teasr_core.codecs.taef2; "
              "print(sorted(m for m in sys.modules if m.startswith('teasr_core.eval')))")
     done = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"

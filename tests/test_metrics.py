@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from teasr_core.eval import metrics, weights
+from teasr_core.eval.niqe import niqe
 
 SHARED = Path(os.environ.get("TEASR_SHARED", Path(__file__).resolve().parents[1].parent / "shared"))
 DATA = SHARED / "data"
@@ -109,7 +110,7 @@ def test_evaluate_pair_matches_osediff(osediff, perceptual):
 @needs_shared
 def test_niqe_matches_osediff(osediff):
     sr, _, rows = osediff
-    ours = metrics.niqe(sr.float() * OSEDIFF_SCALE)
+    ours = niqe(sr.float() * OSEDIFF_SCALE)
     assert_close("NIQE", ours, [float(r["NIQE"]) for r in rows], [n for _, n in OSEDIFF])
 
 
@@ -125,7 +126,7 @@ def test_calibration_values(calibration, perceptual):
         picked = range(len(CALIBRATION)) if FULL else (0, 3)  # see FULL
         ours = torch.cat([dists(dist[i:i + 1], ref[i:i + 1]) for i in picked])
         assert_close("dists", ours, [tables["dists"][i] for i in picked], [CALIBRATION[i] for i in picked])
-    assert_close("niqe", metrics.niqe(dist), tables["niqe(ours)"], list(CALIBRATION))
+    assert_close("niqe", niqe(dist), tables["niqe(ours)"], list(CALIBRATION))
 
 
 def test_perceptual_losses_are_frozen_and_differentiable(perceptual):
@@ -144,7 +145,7 @@ def test_missing_weights_fail_with_setup_hint(tmp_path, monkeypatch):
     with pytest.raises(weights.MissingWeightsError, match="setup.sh"):
         metrics.LPIPS()
     with pytest.raises(weights.MissingWeightsError, match="setup.sh"):
-        metrics.niqe(torch.rand(1, 3, 96, 96))
+        niqe(torch.rand(1, 3, 96, 96))
 
 
 class _RunsShellCommand:
@@ -159,3 +160,20 @@ def test_weight_pickles_admit_numpy_arrays_only():
     for protocol in (2, 3, 4, 5):
         with pytest.raises(pickle.UnpicklingError, match="system"):
             metrics.load_numpy_pickle(pickle.dumps({"w": _RunsShellCommand()}, protocol=protocol))
+
+
+def test_lpips_vgg_is_dists_vgg16_with_lpips_heads(calibration, perceptual):
+    """LPIPS-VGG (a training loss, not reported) shares DISTS's VGG16 convs, which the calibration checks above
+    validate, and orders the calibration pairs as LPIPS-Alex does (but for the two it places within 0.002 of each
+    other); identical images are at distance 0."""
+    vgg = metrics.LPIPS(net="vgg")
+    dists_convs = perceptual.dists.net.convs.state_dict()
+    assert all(torch.equal(v, dists_convs[k]) for k, v in vgg.net.convs.state_dict().items())
+    dist, ref, _ = calibration
+    dist, ref = dist.float() / 255, ref.float() / 255
+    with torch.no_grad():
+        ours, alex = vgg(dist, ref), perceptual.lpips(dist, ref)
+    assert torch.equal(ours.argsort()[2:], alex.argsort()[2:]) and set(alex.argsort()[:2].tolist()) == {2, 3}, (ours, alex)
+    assert vgg(ref[:1], ref[:1]).abs().item() < 1e-6
+    with pytest.raises(ValueError, match="LPIPS network"):
+        metrics.LPIPS(net="squeeze")

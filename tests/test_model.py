@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import torch
 
-from teasr_core import lora as lora_module
-from teasr_core.lora import DualLoRALinear
-from teasr_core.model import DualBranchDiT, preset
+from teasr_core.network import lora as lora_module
+from teasr_core.network.lora import DualLoRALinear
+from teasr_core.network.model import DualBranchDiT, preset
 
 from conftest import assert_close_rel
 

@@ -18,8 +18,8 @@ SAMPLING = dict(steps=2, seed=7, mode="jump", shift=1.0, start_strength=1.0, col
 
 def save_tiny(pack, path, seed=0, **overrides):
     """A random tiny pixel model (scale 4: 48 channels) unless overrides change the codec/config."""
-    from teasr_pack.teasr_core.checkpoint import save_checkpoint
-    from teasr_pack.teasr_core.model import DualBranchDiT, preset
+    from teasr_pack.teasr_core.formats.checkpoint import save_checkpoint
+    from teasr_pack.teasr_core.network.model import DualBranchDiT, preset
     codec = overrides.pop("codec", {"name": "pixel", "scale": 4})
     lora_only = overrides.pop("lora_only", False)
     torch.manual_seed(seed)
@@ -150,7 +150,8 @@ def test_loader_dtype_and_listing(pack, teasr_dir, tiny):
 
 
 def test_loader_bundled_choice_resolves_to_the_bundled_file(pack):
-    from teasr_pack.teasr_core.checkpoint import BUNDLED_CHECKPOINT, CheckpointError
+    from teasr_pack.teasr_core.formats.load import BUNDLED_CHECKPOINT
+    from teasr_pack.teasr_core.safetensors_io import CheckpointError
     loader = pack.nodes.loader
     if BUNDLED_CHECKPOINT.is_file():
         assert loader.checkpoint_path(loader.BUNDLED) == BUNDLED_CHECKPOINT
@@ -161,7 +162,7 @@ def test_loader_bundled_choice_resolves_to_the_bundled_file(pack):
 
 def test_loader_reports_a_corrupt_checkpoint(pack, teasr_dir):
     from pathlib import Path
-    from teasr_pack.teasr_core.checkpoint import CheckpointError
+    from teasr_pack.teasr_core.safetensors_io import CheckpointError
     (Path(teasr_dir) / "broken.safetensors").write_bytes(b"\x80\x04garbage, not a safetensors header")
     with pytest.raises(CheckpointError, match="broken.safetensors is not a readable safetensors file"):
         pack.nodes.loader.TEASRLoader.execute("broken.safetensors", "auto", False)
@@ -391,6 +392,24 @@ def test_untiled_sampler_oom_points_to_the_tiled_node(pack, tiny, monkeypatch):
         sample(pack, tiny, torch.rand(1, 32, 32, 3))
 
 
+@pytest.mark.parametrize("node", [sample, tiled])
+def test_an_output_larger_than_free_memory_is_refused_before_any_work(pack, tiny, node, monkeypatch):
+    """A 60000 x 60000 IMAGE (a broadcast view: no memory) would need a 691 GB output; both nodes say so
+    at once, instead of allocating, or halving tiles that cannot help."""
+    import comfy.model_management as mm
+    forwards = []
+    monkeypatch.setattr(tiny.dit, "forward", lambda *a, **k: forwards.append(1))
+    huge = torch.zeros(1, 1, 1, 3).expand(1, 60000, 60000, 3)
+    with pytest.raises(ValueError, match=r"1 x 240000x240000 \(643.7 GiB as a float32 IMAGE\), more than the [0-9.]+ "
+                                         r"GiB of memory free on cpu. Upscale fewer images"):
+        node(pack, tiny, huge)
+    assert not forwards
+    free = mm.get_free_memory(mm.intermediate_device())
+    side = int((free / 2 / 4 / 3) ** 0.5 / 4)                     # an output of about half the free memory
+    from teasr_pack.nodes.common import check_output_fits
+    check_output_fits(torch.zeros(1, 1, 1, 3).expand(1, side, side, 3), 4)
+
+
 def test_other_errors_are_not_mistaken_for_oom(pack, tiny, monkeypatch):
     calls = []
 
@@ -421,7 +440,7 @@ def test_conditioning_is_required_by_text_models_and_ignored_by_others(pack, tea
 # ---- packaging ---------------------------------------------------------------------------------------
 def test_pyproject_matches_requirements_and_pins_comfyui(pack):
     import tomllib
-    from teasr_pack.teasr_core.checkpoint import BUNDLED_CHECKPOINT
+    from teasr_pack.teasr_core.formats.load import BUNDLED_CHECKPOINT
     project = tomllib.loads((REPO / "pyproject.toml").read_text())
     lines = [line.split("#")[0].strip() for line in (REPO / "requirements.txt").read_text().splitlines()]
     assert project["project"]["dependencies"] == [line for line in lines if line]
@@ -433,7 +452,7 @@ def test_pyproject_matches_requirements_and_pins_comfyui(pack):
 
 def test_text_features_node_writes_the_trainers_context_file(pack, tmp_path, monkeypatch):
     import folder_paths
-    from teasr_pack.teasr_core.text_features import load_text_features
+    from teasr_pack.teasr_core.formats.text_features import load_text_features
     monkeypatch.setattr(folder_paths, "output_directory", str(tmp_path))
     conditioning = [[torch.randn(2, 5, 16), {"pooled_output": None}], [torch.randn(1, 3, 16), {}]]
     node = pack.nodes.text_features.TEASRSaveTextFeatures

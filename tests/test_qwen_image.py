@@ -20,10 +20,11 @@ from PIL import Image
 
 from conftest import shared_path
 from teasr_core.__main__ import main as cli
-from teasr_core.checkpoint import _is_delta_key, read_metadata
-from teasr_core.codecs import is_local
-from teasr_core.model import DualBranchDiT, preset
-from teasr_core.qwen_vae import LATENT_MEAN, LATENT_STD, VAEMismatch, fingerprint, load_vae_codec, read_state_dict
+from teasr_core.codecs.codec import is_local
+from teasr_core.codecs.qwen_vae import LATENT_MEAN, LATENT_STD, VAEMismatch, fingerprint, load_vae_codec, read_state_dict
+from teasr_core.formats.layout import is_delta_key
+from teasr_core.formats.load import read_metadata
+from teasr_core.network.model import DualBranchDiT, preset
 from test_checkpoint import randomize
 from train.distill import main as distill
 
@@ -68,7 +69,7 @@ def files(comfy, tmp_path_factory):
     base = DualBranchDiT(DIT)
     randomize(base, seed=2)
     base_file = root / "qwen_image_tiny.safetensors"
-    safetensors.torch.save_file({k: v.contiguous() for k, v in base.state_dict().items() if not _is_delta_key(k)},
+    safetensors.torch.save_file({k: v.contiguous() for k, v in base.state_dict().items() if not is_delta_key(k)},
                                 str(base_file))
     return {"comfy_vae": comfy_vae, "diffusers_vae": diffusers_vae.parent, "base": base_file, "root": root}
 

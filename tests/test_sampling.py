@@ -4,12 +4,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from teasr_core.codecs import PixelCodec
-from teasr_core.model import DualBranchDiT, preset
-from teasr_core.pipeline import UpscaleSettings, Upscaler, count_model_calls, upscale
+from teasr_core.codecs.codec import PixelCodec
+from teasr_core.network.model import DualBranchDiT, preset
 from teasr_core.sampling import (batch_noise, flow_map_step, noise_field, sample, shifted_sigmas,
                                  sigmas_from_timesteps)
 from teasr_core.tiling import feather, plan_tiles
+from teasr_core.upscale.pipeline import UpscaleSettings, Upscaler, count_model_calls, upscale
 
 
 def tiny_upscaler(seed: int = 0, local: bool = False) -> Upscaler:
@@ -172,3 +172,14 @@ def test_bad_images_are_refused(image, message):
 def test_tiny_input_works():
     out = upscale(tiny_upscaler(), torch.rand(1, 3, 1, 1))
     assert out.shape == (1, 3, 4, 4)
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(mode="euler"), "unknown sampler mode"),
+    (dict(mode="renoise", stochasticity=1.5), "stochasticity"),
+    (dict(stochasticity=-0.1), "stochasticity"),
+])
+def test_bad_settings_are_refused_when_made(settings, message):
+    """Every knob is checked where the settings are made, before a model runs (CLI flags, node inputs)."""
+    with pytest.raises(ValueError, match=message):
+        UpscaleSettings(**settings)

@@ -14,9 +14,9 @@ from dataclasses import replace
 import pytest
 import torch
 
-from teasr_core.codecs import PixelCodec
-from teasr_core.lora import DualLoRALinear, dual_lora_layers
-from teasr_core.model import DualBranchDiT, preset
+from teasr_core.codecs.codec import PixelCodec
+from teasr_core.network.lora import DualLoRALinear, dual_lora_layers
+from teasr_core.network.model import DualBranchDiT, preset
 from train.config import TrainConfig
 from train.distill import set_trainable
 from train.objectives import PassCounter
@@ -77,7 +77,8 @@ def assert_same(a, b, rtol=1e-4, atol=1e-6):
 
 @pytest.mark.parametrize("options", [dict(stack_passes=True), dict(backward_per_group=True),
                                      dict(backward_per_group=True, checkpoint_decoder=True), NEW])
-@pytest.mark.parametrize("weights", [{}, dict(w_adv=0.0), dict(split_batch=True, batch=4), dict(w_jump=0.5, w_e2e=0.0)])
+@pytest.mark.parametrize("weights", [{}, dict(w_adv=0.0), dict(split_batch=True, batch=4), dict(w_jump=0.5, w_e2e=0.0),
+                                     dict(pixel_window=8, pixel_margin=2, w_l1=0.5)])
 def test_new_schedule_gives_the_same_losses_and_gradients(lpips, options, weights):
     batch = 4 if weights.get("split_batch") else 2
     base = replace(TrainConfig(), **weights, **OLD)

@@ -21,12 +21,12 @@ import pytest
 import torch
 from PIL import Image
 
-from teasr_core import pipeline
-from teasr_core.codecs import PixelCodec
-from teasr_core.color import color_fix
-from teasr_core.model import DualBranchDiT, preset
-from teasr_core.pipeline import Reference, UpscaleSettings, Upscaler, resize_bicubic, upscale
+from teasr_core.codecs.codec import PixelCodec
+from teasr_core.network.model import DualBranchDiT, preset
 from teasr_core.tiling import gather
+from teasr_core.upscale import pipeline
+from teasr_core.upscale.color import color_fix
+from teasr_core.upscale.pipeline import Reference, UpscaleSettings, Upscaler, resize_bicubic, upscale
 
 from conftest import REPO, shared_path
 
@@ -81,7 +81,7 @@ def test_pixel_codec_tiled_equals_untiled(settings, monkeypatch):
 
 @pytest.fixture(scope="module")
 def taef2():
-    from teasr_core.taef2 import TAEF2Codec
+    from teasr_core.codecs.taef2 import TAEF2Codec
     return TAEF2Codec()   # the bundled weights
 
 
@@ -112,7 +112,7 @@ def test_taef2_model_tiled_upscale_matches_untiled(taef2):
 
 CHILD = """
 import json, resource, sys
-from teasr_core import pipeline
+from teasr_core.upscale import pipeline
 from teasr_core.__main__ import main
 pipeline.ROW_BAND_PIXELS = 2 ** 16    # bands far below these images, so what grows is only the output
 code = main(["upscale", sys.argv[1], sys.argv[2], "--checkpoint", sys.argv[3], "--tile-size", "256",

@@ -20,10 +20,12 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from conftest import REPO, shared_path
-from teasr_core.checkpoint import _is_delta_key, load_checkpoint, read_metadata
-from teasr_core.lora import dual_lora_layers
-from teasr_core.model import DualBranchDiT, preset
-from teasr_core.text_features import save_text_features
+from teasr_core.codecs.codec import PixelCodec
+from teasr_core.formats.layout import is_delta_key
+from teasr_core.formats.load import load_checkpoint, read_metadata
+from teasr_core.formats.text_features import save_text_features
+from teasr_core.network.lora import dual_lora_layers
+from teasr_core.network.model import DualBranchDiT, preset
 from train import bench_step
 from train.config import TrainConfig, parse_config
 from train.distill import main
@@ -179,7 +181,7 @@ def test_lora_on_a_qwen_image_layout_base(tmp_path):
     """A base in Qwen-Image's layout (text stream, no TEASR tensors) trains as LoRA with a fixed context."""
     base_file, context_file = tmp_path / "base.safetensors", tmp_path / "context.safetensors"
     base = DualBranchDiT(preset("tiny", context_dim=40))
-    save_file({k: v for k, v in base.state_dict().items() if not _is_delta_key(k)}, base_file)
+    save_file({k: v for k, v in base.state_dict().items() if not is_delta_key(k)}, base_file)
     save_text_features(context_file, torch.randn(5, 40))
     train(*tiny_args(tmp_path / "run", "--base", str(base_file), "--context-file", str(context_file),
                      "--no-full-finetune", "--lora-ranks", "4", "4", "--max-steps", "2", "--batch", "2"))
@@ -246,10 +248,34 @@ def test_pixel_weight_at_pure_noise():
     """weight = 1 - (1 - w_noise) sigma: a start at sigma = 1 counts fully with w_noise = 1, not at all with 0."""
     codec = type("Identity", (), {"decode": staticmethod(lambda x: x)})
     hr, fake = torch.zeros(2, 3, 8, 8), torch.full((2, 3, 8, 8), 0.25)
-    sigma = torch.tensor([1.0, 0.5])
-    full, _ = loss_pixel(codec, None, fake, hr, sigma, 1.0)
-    precursor, _ = loss_pixel(codec, None, fake, hr, sigma, 0.0)
-    assert full.item() == pytest.approx(0.25) and precursor.item() == pytest.approx(0.25 * 0.5 / 2)
+    sigma, generator = torch.tensor([1.0, 0.5]), torch.Generator()
+    pixel = TrainConfig(w_mse=1.0, w_l1=1.0)
+    full = loss_pixel(codec, None, fake, hr, sigma, replace(pixel, pixel_weight_at_noise=1.0), generator)
+    precursor = loss_pixel(codec, None, fake, hr, sigma, replace(pixel, pixel_weight_at_noise=0.0), generator)
+    assert full["pix_mse"].item() == pytest.approx(0.25) and precursor["pix_mse"].item() == pytest.approx(0.25 * 0.5 / 2)
+    assert full["pix_l1"].item() == pytest.approx(0.25) and precursor["pix_l1"].item() == pytest.approx(0.25 * 0.5 / 2)
+
+
+def test_pixel_window_scores_the_hr_pixels_under_the_decoded_window():
+    """A window decoded with its margin, margin cropped off, lines up with the HR pixels under it.
+
+    The pixel codec is exactly local, so a wrong offset anywhere (latent window, margin crop, HR
+    crop) breaks the equality; a perceptual network is not needed for that.
+    """
+    from train.objectives.teasr import pixel_window
+    codec = PixelCodec(2)
+    hr = torch.rand(2, 3, 32, 32)
+    latent = codec.encode(hr)                                    # [2, 12, 16, 16]
+    for seed in range(5):
+        generator = torch.Generator().manual_seed(seed)
+        window, hr_window, (rows, cols) = pixel_window(latent, hr, 5, 3, codec.scale, generator)
+        assert hr_window.shape[-2:] == (10, 10) and 5 <= window.shape[-1] <= 11
+        assert torch.equal(codec.decode(window)[..., rows, cols], hr_window)
+    cfg = TrainConfig(w_mse=1.0, w_l1=0.0, pixel_window=4, pixel_margin=2)
+    perfect = loss_pixel(codec, None, latent, hr, torch.zeros(2), cfg, torch.Generator())
+    assert perfect == {"pix_mse": 0.0}
+    with pytest.raises(ValueError, match="pixel_window"):
+        TrainConfig(pixel_window=-1)
 
 
 def test_tadsr_runs_and_logs_its_cost(tmp_path):
@@ -322,8 +348,8 @@ def test_qwen_image_recipe_parses_with_its_three_files():
 
 
 def test_export_records_the_recommended_grid_and_keeps_the_origin(tmp_path):
-    from teasr_core.checkpoint import save_checkpoint
-    from teasr_core.pipeline import Upscaler
+    from teasr_core.formats.checkpoint import save_checkpoint
+    from teasr_core.upscale.pipeline import Upscaler
     from train.export import main as export
     trained = save_checkpoint(tmp_path / "step-00000010.safetensors", DualBranchDiT(preset("tiny")),
                               {"name": "pixel", "scale": 4}, preset="tiny", training={"steps": 10})

@@ -27,9 +27,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from teasr_core.lora import dual_lora_layers
-from teasr_core.model import preset
-from teasr_core.text_features import save_text_features
+from teasr_core.formats.text_features import save_text_features
+from teasr_core.network.lora import dual_lora_layers
+from teasr_core.network.model import preset
 
 from .config import TrainConfig
 from .distill import Dist, Trainer, make_optimizer

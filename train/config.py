@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 OBJECTIVES = ("teasr", "tadsr")
+PERCEPTUAL_NETS = ("alex", "vgg", "dists")
 CODECS = ("auto", "pixel", "taef2")
 OPTIMIZERS = ("adamw", "rmsprop")
 
@@ -26,7 +27,7 @@ def opt(default, doc: str):
 @dataclass(frozen=True)
 class TrainConfig:
     # ---- run ---------------------------------------------------------------------------------
-    preset: str = opt("small", "model size: teasr_core.model preset (tiny, small, small-pixel, base, qwen-image); "
+    preset: str = opt("small", "model size: teasr_core.network.model preset (tiny, small, small-pixel, base, qwen-image); "
                                "ignored with `base`")
     data: str = opt("", "folder of HR photos (recursive); required unless data_cache is set")
     data_cache: str = opt("", "pair caches made by `python -m train.pair_cache` (degraded pairs and their latents, "
@@ -62,8 +63,8 @@ class TrainConfig:
                                   "merged (a full checkpoint: noise LoRA folded into the base)")
     fp8_base: bool = opt(False, "store the frozen base Linear weights of the blocks as fp8 e4m3 (LoRA training)")
     base_dtype: str = opt("fp32", "storage dtype of frozen base weights (fp32, bf16); trained tensors stay fp32")
-    bf16: bool = opt(True, "bf16 autocast on CUDA (fp32 on CPU regardless: without native bf16 - AVX2-only CPUs - "
-                           "bf16 convolutions ran ~100x slower than fp32 here)")
+    bf16: bool = opt(True, "bf16 autocast on CUDA and on CPUs with native bf16 (AVX-512 BF16 / AMX); fp32 on other "
+                           "CPUs regardless (AVX2-only: bf16 convolutions ran ~100x slower than fp32)")
     gradient_checkpointing: bool = opt(False, "recompute transformer blocks in backward (memory for time)")
     compile_blocks: bool = opt(False, "torch.compile each transformer block (inside gradient checkpointing when on); "
                                       "the first steps compile")
@@ -130,8 +131,17 @@ class TrainConfig:
                                    "one-step terms (L_e2e, jump, L_adv, L_rect, pixel) on the other half")
     rect_clamp: float = opt(0.0, "L_rect: clamp the fake-minus-real velocity to [-c, c] per element (TwinFlow: 1); 0 = off")
     w_mse: float = opt(1.0, "pixel MSE of the one-step sample ([-1, 1] scale), times the pixel weight")
-    w_lpips: float = opt(1.0, "LPIPS (AlexNet) of the one-step sample, times the pixel weight; needs the "
-                              "converted weights, otherwise off (logged)")
+    w_lpips: float = opt(1.0, "perceptual distance (`perceptual_net`) of the one-step sample, times the pixel "
+                              "weight; needs the converted weights, otherwise off (logged)")
+    perceptual_net: str = opt("alex", "network of the perceptual term: alex (LPIPS-AlexNet, the metric the eval "
+                                      "reports), vgg (LPIPS-VGG16) or dists (DISTS); train on one the eval does "
+                                      "not score with, or its score rises without better images")
+    w_l1: float = opt(0.0, "pixel L1 of the one-step sample ([0, 1] scale), times the pixel weight")
+    pixel_window: int = opt(0, "pixel terms on a random window of this many latent pixels per side (0 = the whole "
+                                "crop): the decoder's receptive field is bounded, so the window plus "
+                                "`pixel_margin` decodes to nearly the pixels a whole decode gives, for less")
+    pixel_margin: int = opt(4, "latent pixels of context decoded around the pixel window (inside the crop), "
+                               "cropped off after decoding")
     pixel_weight_at_noise: float = opt(0.0, "pixel weight of a one-step start at sigma = 1; it falls "
                                             "linearly from 1 at sigma = 0 (0: the precursor's 1 - sigma; "
                                             "1: every start, pure noise included, must match the HR)")
@@ -160,6 +170,10 @@ class TrainConfig:
         """Reject inconsistent settings before any model is built."""
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if self.perceptual_net not in PERCEPTUAL_NETS:
+            raise ValueError(f"perceptual_net must be one of {PERCEPTUAL_NETS}, got {self.perceptual_net!r}")
+        if self.pixel_window < 0 or self.pixel_margin < 0:
+            raise ValueError(f"pixel_window and pixel_margin must be >= 0, got {self.pixel_window}, {self.pixel_margin}")
         if self.codec not in CODECS:
             raise ValueError(f"codec must be one of {CODECS}, got {self.codec!r}")
         if self.vae and self.codec != "auto":

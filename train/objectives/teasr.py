@@ -13,7 +13,7 @@ difference of the two is the rectification signal. Per micro-batch:
     L_adv    1 (fake flow)
     L_rect   -                      1 (real flow); its fake-flow pass is L_adv's, detached
     jump     -                      - (regresses L_e2e's jump to the HR latent)
-    pixel    codec.decode + LPIPS on x_fake (no network pass)
+    pixel    codec.decode + MSE / L1 / perceptual distance on x_fake, or a window of it (no network pass)
 
 so 4 passes with grad and 2 * rcgm_substeps + 1 = 5 without (the precursor draws separate noise
 for L_adv and L_rect and needs 6); `stack_passes` runs the 5 as rcgm_substeps = 2 calls. Sharing is exact: L_rect needs F(x', s', -s') at
@@ -216,29 +216,57 @@ def loss_rect(f_fake, fake_velocity, real_velocity, clamp: float = 0.0) -> torch
     return mse(f_fake, (f_fake - dv).detach())
 
 
-def loss_pixel(codec, lpips, x_fake, hr, sigma_e2e, weight_at_noise: float, checkpoint_decoder: bool = False):
-    """Pixel MSE (on [-1, 1] images) and LPIPS of the decoded one-step sample against the HR.
+def pixel_window(latent: torch.Tensor, hr: torch.Tensor, window: int, margin: int, scale: int,
+                 generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, tuple[slice, slice]]:
+    """A random window of `window` latent pixels per side: (latent window with up to `margin` of context
+    around it inside the crop, the HR pixels of the window, the slices that crop the decoded context off).
+
+    Why: the decoder's receptive field is bounded (TAEF2: ~8 latent pixels of context change a
+    decode by < 4/255), so decoding a window plus a margin gives nearly the pixels a whole decode
+    gives there, and the decoder and perceptual network run on a fraction of the crop.
+    """
+    h, w = latent.shape[-2:]
+    if window >= min(h, w):
+        return latent, hr, (slice(None), slice(None))
+    y, x = (int(torch.randint(0, n - window + 1, (1,), generator=generator, device=generator.device)) for n in (h, w))
+    y0, x0 = max(0, y - margin), max(0, x - margin)
+    y1, x1 = min(h, y + window + margin), min(w, x + window + margin)
+    crop = (slice((y - y0) * scale, (y - y0 + window) * scale), slice((x - x0) * scale, (x - x0 + window) * scale))
+    return (latent[..., y0:y1, x0:x1], hr[..., y * scale:(y + window) * scale, x * scale:(x + window) * scale], crop)
+
+
+def loss_pixel(codec, perceptual, x_fake, hr, sigma_e2e, cfg, generator) -> dict[str, torch.Tensor]:
+    """Pixel MSE (on [-1, 1] images), L1 (on [0, 1]) and perceptual distance of the decoded one-step sample.
 
     Why: latent consistency alone says nothing about perceived detail; these anchor the one-step
-    output to the ground truth. Each sample is weighted by 1 - (1 - weight_at_noise) sigma_e2e:
+    output to the ground truth. Each sample is weighted by 1 - (1 - pixel_weight_at_noise) sigma_e2e:
     starts close to the data must reproduce it; how much a start from pure noise must is a choice
     (the precursor: not at all; super-resolution from one step at sigma = 1: fully, since that is
-    the start the 1-step sampler uses). Returns per-term weighted means (LPIPS None when disabled).
-    checkpoint_decoder: the decoder's activations are recomputed in backward instead of kept, so
-    they and LPIPS's are not held at the same time (a 512² VAE decode holds gigabytes).
+    the start the 1-step sampler uses). Scored on a `pixel_window` of the crop when one is set.
+    Returns the weighted means of the terms whose weight is > 0 (`perceptual` None: no perceptual term).
+    With `checkpoint_decoder` the decoder's activations are recomputed in backward instead of kept.
     """
+    rows = cols = slice(None)
+    if cfg.pixel_window:
+        x_fake, hr, (rows, cols) = pixel_window(x_fake, hr, cfg.pixel_window, cfg.pixel_margin, codec.scale, generator)
     with torch.profiler.record_function("teasr.decode"):     # named for the GPU suite's profile
-        if checkpoint_decoder and torch.is_grad_enabled():
-            image = checkpoint(codec.decode, x_fake, use_reentrant=False).float()
+        if cfg.checkpoint_decoder and torch.is_grad_enabled():   # its activations not held beside the perceptual net's
+            image = checkpoint(codec.decode, x_fake, use_reentrant=False).float()[..., rows, cols]
         else:
-            image = codec.decode(x_fake).float()
-    weight = 1 - (1 - weight_at_noise) * sigma_e2e.float()
-    mse_per_image = (2 * (image - hr)).pow(2).flatten(1).mean(1)
-    pix_mse = (weight * mse_per_image).mean()
-    if lpips is None:
-        return pix_mse, None
-    with torch.autocast(image.device.type, enabled=False), torch.profiler.record_function("teasr.lpips"):  # in fp32
-        return pix_mse, (weight * lpips(image, hr)).mean()
+            image = codec.decode(x_fake).float()[..., rows, cols]
+    weight = 1 - (1 - cfg.pixel_weight_at_noise) * sigma_e2e.float()
+    terms = {}
+    if cfg.w_mse > 0:
+        terms["pix_mse"] = (weight * (2 * (image - hr)).pow(2).flatten(1).mean(1)).mean()
+    if cfg.w_l1 > 0:
+        terms["pix_l1"] = (weight * (image - hr).abs().flatten(1).mean(1)).mean()
+    if perceptual is not None:
+        with torch.autocast(image.device.type, enabled=False), torch.profiler.record_function("teasr.lpips"):  # fp32
+            terms["pix_lpips"] = (weight * perceptual(image, hr)).mean()
+    return terms
+
+
+PIXEL_WEIGHTS = {"pix_mse": "w_mse", "pix_l1": "w_l1", "pix_lpips": "w_lpips"}   # term -> its config weight
 
 
 def batch_parts(batch: int, cfg) -> tuple[slice, slice, slice]:
@@ -259,8 +287,8 @@ class TeasrObjective:
     """The weighted sum of the terms above; weights and noise-level ranges from the config.
 
     Terms weighted 0 are not computed (nor logged), so an ablation also saves their passes; L_adv's
-    pass still runs, without grad, when only L_rect needs it. `lpips` is None when its weights are
-    absent (the trainer logs that) or w_lpips = 0.
+    pass still runs, without grad, when only L_rect needs it. `lpips` (the perceptual network,
+    `perceptual_net`) is None when its weights are absent (the trainer logs that) or w_lpips = 0.
 
     Two schedules of the same step, equal to round-off (tests/test_step_schedule.py):
     - `stack_passes` / `backward_per_group` off: the terms one after the other, one total backward
@@ -281,17 +309,15 @@ class TeasrObjective:
             return self._grouped(net, x0, cond, hr, generator, backward)
         return self._sequential(net, x0, cond, hr, generator, backward)
 
-    def _pixel(self, one_sample, hr, sigma):
-        """{pix_mse, pix_lpips} of the one-step sample (empty when both are off)."""
+    def _pixel(self, one_sample, hr, sigma, generator):
+        """The pixel terms of the one-step sample (empty when all are off); drawn last in both schedules."""
         cfg = self.cfg
-        if cfg.w_mse <= 0 and self.lpips is None:
+        if cfg.w_mse <= 0 and cfg.w_l1 <= 0 and self.lpips is None:
             return {}
-        pix_mse, pix_lpips = loss_pixel(self.codec, self.lpips, one_sample, hr, sigma, cfg.pixel_weight_at_noise,
-                                        cfg.checkpoint_decoder)
-        return {"pix_mse": pix_mse} if pix_lpips is None else {"pix_mse": pix_mse, "pix_lpips": pix_lpips}
+        return loss_pixel(self.codec, self.lpips, one_sample, hr, sigma, cfg, generator)
 
     def weighted(self, terms: dict) -> torch.Tensor:
-        return sum(getattr(self.cfg, f"w_{name.removeprefix('pix_')}") * value for name, value in terms.items())
+        return sum(getattr(self.cfg, PIXEL_WEIGHTS.get(name, f"w_{name}")) * value for name, value in terms.items())
 
     def _sequential(self, net, x0, cond, hr, generator, backward):
         cfg = self.cfg
@@ -317,7 +343,7 @@ class TeasrObjective:
                 with torch.no_grad():
                     real_velocity = net(x_noised, cond, sigma_fake, sigma_fake)
                 terms["rect"] = loss_rect(one.velocity, fake_velocity, real_velocity, cfg.rect_clamp)
-        terms.update(self._pixel(one.sample, hr, one.sigma))
+        terms.update(self._pixel(one.sample, hr, one.sigma, generator))
         total = self.weighted(terms)
         backward(total)
         return total.detach(), {k: v.detach() for k, v in terms.items()}
@@ -363,7 +389,7 @@ class TeasrObjective:
                              sigma_weight(d_e2e.sigma, cfg.sigma_weight_c))
         if cfg.w_jump > 0:
             one["jump"] = mse(velocity, d_e2e.v_star, sigma_weight(d_e2e.sigma, cfg.sigma_weight_c))
-        one.update(self._pixel(sample, hr, d_e2e.sigma))
+        one.update(self._pixel(sample, hr, d_e2e.sigma, generator))
         if one:
             back(self.weighted(one))        # frees the decoder's and LPIPS's graphs
         terms.update(one)

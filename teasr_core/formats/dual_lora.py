@@ -20,11 +20,12 @@ from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
-from .checkpoint import (METADATA_KEY, CheckpointError, _check_names, _header_shapes, _meta_model,
-                         _read_header, _read_tensors, checkpoint_metadata, infer_qwen_image_config,
-                         read_qwen_base_tensors, write_checkpoint)
-from .lora import dual_lora_layers
-from .qwen_vae import codec_config
+from ..codecs.qwen_vae import codec_config
+from ..network.lora import dual_lora_layers
+from ..safetensors_io import CheckpointError, check_names, header_shapes, read_header, read_tensors
+from .checkpoint import METADATA_KEY, checkpoint_metadata, write_checkpoint
+from .layout import meta_model
+from .qwen_image import infer_qwen_image_config, read_qwen_base_tensors
 
 EMBEDDER = "time_text_embed_2."
 EMBEDDER_PREFIXES = (EMBEDDER, "t_embedder_2.")        # ours, the precursor's
@@ -42,9 +43,9 @@ def is_dual_lora_file(path) -> bool:
     path = Path(path)
     if path.is_dir():
         return False
-    header = _read_header(path)
+    header = read_header(path)
     return (METADATA_KEY not in (header.get("__metadata__") or {})
-            and any(LORA_KEY.fullmatch(name) for name in _header_shapes(header)))
+            and any(LORA_KEY.fullmatch(name) for name in header_shapes(header)))
 
 
 def _strip_file_prefix(tensors: dict) -> dict:
@@ -78,13 +79,13 @@ def convert_dual_lora(path, base, *, alpha_noise: float | None = None, alpha_con
     precursor initialises it). Missing, unexpected and wrongly shaped tensors are refused by name.
     """
     path = Path(path)
-    tensors = _read_tensors(path, "cpu")
+    tensors = read_tensors(path, "cpu")
     if not any(LORA_KEY.fullmatch(k) for k in tensors):
         raise CheckpointError(f"{path} has no <module>.lora_A1/B1/A2/B2 tensors: it is not in the dual-LoRA naming")
     tensors = _strip_file_prefix(tensors)
     cfg = infer_qwen_image_config(base)
-    shapes = {k: tuple(v.shape) for k, v in _meta_model(cfg).state_dict().items()}   # base tensors + our embedder
-    probe = _meta_model(replace(cfg, lora_ranks=(1, 1)))
+    shapes = {k: tuple(v.shape) for k, v in meta_model(cfg).state_dict().items()}   # base tensors + our embedder
+    probe = meta_model(replace(cfg, lora_ranks=(1, 1)))
     branch_layers = {name: layer for name, layer in dual_lora_layers(probe) if any(layer.ranks)}
     prefixes = [embedder_prefix.rstrip(".") + "."] if embedder_prefix else EMBEDDER_PREFIXES
     delta, used = _second_embedder(tensors, prefixes)
@@ -111,7 +112,7 @@ def convert_dual_lora(path, base, *, alpha_noise: float | None = None, alpha_con
             expected[key] = shapes[f"{copy[1]}.{copy[2]}"]
         elif key in shapes:       # a whole-model dump: the base's own tensors
             expected[key] = shapes[key]
-    _check_names(path, expected, found, f"the dual-LoRA naming over the base {Path(base).name} (LoRA on its "
+    check_names(path, expected, found, f"the dual-LoRA naming over the base {Path(base).name} (LoRA on its "
                                         "image-stream Linears; base copies and a second embedder optional)")
     if not used:
         log.info("TEASR: %s has no second timestep embedder; it starts as a copy of the base's", path.name)

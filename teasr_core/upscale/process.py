@@ -23,6 +23,16 @@ def _glibc():
     return libc
 
 
+def replace_pillow_size_check() -> None:
+    """Turn Pillow's decompression-bomb check off here: `imageio.read_image` checks every header itself.
+
+    Pillow's own check warns above 89 MP and ends in a DecompressionBombError traceback above 179 MP,
+    naming no way past it, and it would still refuse a photo the user allowed with --max-megapixels.
+    """
+    from PIL import Image
+    Image.MAX_IMAGE_PIXELS = None
+
+
 def reuse_freed_memory(on: bool = True) -> bool:
     """on: let glibc keep freed blocks below 1 GiB for reuse; off: its usual handling of big blocks.
 

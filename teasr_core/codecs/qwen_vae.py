@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import _check_names, _read_tensors
-from .codecs import check_image
+from ..safetensors_io import check_names, read_tensors
+from .codec import check_image
 
 CODEC_NAME = "qwen-image-vae"
 LATENT_CHANNELS = 16
@@ -36,7 +36,7 @@ LATENT_STD = (2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
 DIFFUSERS_FILE = "diffusion_pytorch_model.safetensors"
 COMFY_MARKER = "decoder.middle.0.residual.0.gamma"     # ComfyUI's test for a Wan-architecture VAE
 DIFFUSERS_MARKER = "decoder.mid_block.resnets.0.norm1.gamma"
-PACK_ROOT = Path(__file__).resolve().parents[1]
+PACK_ROOT = Path(__file__).resolve().parents[2]
 log = logging.getLogger("teasr")
 
 
@@ -97,7 +97,7 @@ def read_state_dict(path) -> dict[str, torch.Tensor]:
     if path.is_dir():
         folder = path / "vae" if (path / "vae" / DIFFUSERS_FILE).is_file() else path
         path = folder / DIFFUSERS_FILE
-    tensors = _read_tensors(path, "cpu")
+    tensors = read_tensors(path, "cpu")
     return comfy_layout(tensors) if DIFFUSERS_MARKER in tensors else tensors
 
 
@@ -204,7 +204,7 @@ def load_vae_codec(path, *, device="cpu", dtype: torch.dtype = torch.float32,
         raise VAEMismatch(f"{path} is not a Qwen-Image VAE: ComfyUI reads it as {kind}, while Qwen-Image latents "
                           f"have {LATENT_CHANNELS} channels (Wan 2.1 architecture, e.g. ComfyUI's "
                           "qwen_image_vae.safetensors)")
-    _check_names(path, {k: tuple(v.shape) for k, v in model.state_dict().items()},
+    check_names(path, {k: tuple(v.shape) for k, v in model.state_dict().items()},
                  {k: tuple(v.shape) for k, v in state.items()}, "ComfyUI's Qwen-Image (Wan 2.1) VAE")
     weights = fingerprint(state)
     if expected is not None:

@@ -17,7 +17,7 @@ from typing import Callable, Iterator, Protocol, runtime_checkable
 import torch
 import torch.nn.functional as F
 
-from .tiling import Rows, Tile, blend_rows, gather, plan_tiles
+from ..tiling import Rows, Tile, blend_rows, gather, plan_tiles
 
 
 @runtime_checkable
@@ -95,14 +95,3 @@ def tiled_decode(codec: Codec, latent: torch.Tensor, tile: int) -> Iterator[Rows
     decode = lambda t: codec.decode(latent[..., t.y0:t.y0 + t.h, t.x0:t.x0 + t.w])  # noqa: E731
     return tiled_map(decode, tuple(latent.shape[-2:]), tile, getattr(codec, "tile_margin", 0),
                      getattr(codec, "tile_overlap", 0), codec.scale)
-
-
-def build_codec(name: str, **kwargs) -> Codec:
-    """Codec by the name stored in a checkpoint config."""
-    if name == "pixel":
-        return PixelCodec(**kwargs)
-    if name == "taef2":
-        from .taef2 import TAEF2Codec
-        return TAEF2Codec(**kwargs)
-    raise ValueError(f"unknown codec {name!r}: this library builds 'pixel' and 'taef2'; "
-                     "external VAEs (e.g. ComfyUI's) are passed in as objects with encode/decode")

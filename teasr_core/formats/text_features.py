@@ -12,7 +12,7 @@ from pathlib import Path
 import safetensors.torch
 import torch
 
-from .checkpoint import CheckpointError, _read_tensors
+from ..safetensors_io import CheckpointError, read_tensors
 
 KEY = "context"
 
@@ -30,7 +30,7 @@ def save_text_features(path, context: torch.Tensor, source: str = "") -> Path:
 
 def load_text_features(path, features: int) -> torch.Tensor:
     """[T, D] features from `path`, refused unless D is the model's context width."""
-    tensors = _read_tensors(Path(path), "cpu")
+    tensors = read_tensors(Path(path), "cpu")
     context = tensors.get(KEY)
     if context is None or context.ndim != 2:
         raise CheckpointError(f"{path} is not a text-features file: it needs a `{KEY}` tensor [tokens, features] "

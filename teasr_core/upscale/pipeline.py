@@ -19,13 +19,13 @@ from typing import Callable, Iterator, Protocol
 import torch
 import torch.nn.functional as F
 
-from .codecs import Codec, PixelCodec, build_codec, is_local, tiled_decode, tiled_encode
+from ..codecs.build import codec_from_config
+from ..codecs.codec import Codec, is_local, tiled_decode, tiled_encode
+from ..network.model import DualBranchDiT
+from ..sampling import (NOISE_CELL, batch_sigma, check_mode, noise_field, sampler_step, shifted_sigmas,
+                        sigmas_from_timesteps, step_target)
+from ..tiling import Rows, RowStream, RunningMoments, Tile, blend_rows, gather, plan_tiles
 from .color import COLOR_FIX_METHODS, WAVELET_RADIUS, adain_apply, wavelet_fix
-from .model import DualBranchDiT
-from .qwen_vae import CODEC_NAME as QWEN_VAE, load_vae_codec
-from .sampling import (MODES, NOISE_CELL, batch_sigma, noise_field, sampler_step, shifted_sigmas,
-                       sigmas_from_timesteps, step_target)
-from .tiling import Rows, RowStream, RunningMoments, Tile, blend_rows, gather, plan_tiles
 
 Progress = Callable[[int, int], None]  # (done, total) after every model call
 CODEC_TILE = 1024      # output px per side of a codec (encode / decode) tile
@@ -80,8 +80,7 @@ class UpscaleSettings:
     color_fix: str = "wavelet"            # one of color.COLOR_FIX_METHODS
 
     def __post_init__(self):
-        if self.mode not in MODES:
-            raise ValueError(f"unknown sampler mode {self.mode!r}; choose one of {MODES}")
+        check_mode(self.mode, self.stochasticity)
         if self.color_fix not in COLOR_FIX_METHODS:
             raise ValueError(f"unknown color fix {self.color_fix!r}; choose one of {COLOR_FIX_METHODS}")
         if not 1 <= self.scale <= 8:
@@ -100,10 +99,36 @@ class UpscaleSettings:
         return len(self.sigmas()) - 1
 
 
+def native_bf16(device) -> bool:
+    """Whether bf16 matmuls and convolutions run natively: CUDA, or a CPU with AVX-512 BF16 or AMX.
+
+    Why: on such CPUs bf16 is 2-4x faster than fp32; on AVX2-only ones it is emulated, ~45x slower.
+    torch's `get_cpu_capability()` says "AVX512" for both kinds, so the flags are read from the kernel.
+    """
+    if torch.device(device).type == "cuda":
+        return True
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def default_dtype(device) -> torch.dtype:
-    """bf16 on CUDA; fp32 elsewhere: CPUs without native half-precision matmuls run fp16/bf16 2-45x
-    slower (the bundled file stores fp16: computing in it made its transformer 2.6x slower here)."""
+    """The transformer's: bf16 on CUDA; fp32 elsewhere: CPUs without native half-precision matmuls run
+    fp16/bf16 2-45x slower (the bundled file stores fp16: computing in it made its transformer 2.6x
+    slower here), and on CPUs with native bf16 the small transformer was no faster in it."""
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def default_codec_dtype(device) -> torch.dtype:
+    """The codec's: bf16 where it runs natively (`native_bf16`), else fp32.
+
+    Why separate: the codec's convolutions at output resolution are most of a CPU upscale, and they
+    run ~2x faster in bf16 on AVX-512 BF16 CPUs, where the transformer gained nothing (BENCHMARKS.md).
+    """
+    return torch.bfloat16 if native_bf16(device) else torch.float32
 
 
 @dataclass
@@ -116,18 +141,25 @@ class Upscaler:
     end_ratio: float = 0.0                 # the sampling grid this model is best with (UpscaleSettings.end_ratio)
 
     @classmethod
-    def from_checkpoint(cls, path=None, *, device="cpu", dtype=None, fp8=False, codec: Codec | None = None,
+    def from_checkpoint(cls, path=None, *, device="cpu", dtype=None, codec_dtype=None, fp8=False, codec: Codec | None = None,
                         base=None, vae=None) -> "Upscaler":
         """Load a TEASR checkpoint (the bundled default when path is None) to compute in `dtype`
-        (default: `default_dtype(device)`, whatever the file stores).
+        (default: `default_dtype(device)`, whatever the file stores), its codec in `codec_dtype`
+        (default: `dtype` when given, else `default_codec_dtype(device)` for TAEF2 and the
+        transformer's dtype for an external VAE): precision per stage.
 
         Latent models whose VAE lives outside this library (e.g. Qwen-Image's) need that VAE: its
         file as `vae`, or a ready `codec`.
         """
-        from .checkpoint import bundled_checkpoint_path, load_checkpoint
+        from ..formats.load import bundled_checkpoint_path, load_checkpoint
+        dtype_given = dtype
         dtype = dtype or default_dtype(device)
         ckpt = load_checkpoint(path or bundled_checkpoint_path(), device=device, dtype=dtype, fp8=fp8, base=base)
-        return cls(ckpt.dit, codec or codec_from_config(ckpt.codec, device=device, vae=vae, dtype=dtype),
+        # auto: bf16 where native for this library's TAEF2 (fp32 ends keep its outputs precise); an external
+        # VAE (Qwen-Image's, run by ComfyUI's code) in the transformer's dtype, as ComfyUI's own nodes run it
+        own_codec = ckpt.codec.get("name") == "taef2"
+        codec_dtype = codec_dtype or dtype_given or (default_codec_dtype(device) if own_codec else dtype)
+        return cls(ckpt.dit, codec or codec_from_config(ckpt.codec, device=device, vae=vae, dtype=codec_dtype),
                    end_ratio=ckpt.end_ratio)
 
     @property
@@ -138,21 +170,6 @@ class Upscaler:
     def alignment(self) -> int:
         """Output sizes are padded to a multiple of this (codec scale x patch size)."""
         return self.codec.scale * self.dit.cfg.patch
-
-
-def codec_from_config(codec: dict, device="cpu", vae=None, dtype=None) -> Codec:
-    """Build the codec a checkpoint names; an external VAE's latent space needs that VAE's file (`vae`)."""
-    kind = codec.get("name")
-    if kind == "pixel":
-        return PixelCodec(scale=int(codec.get("scale", 8)))
-    if kind == "taef2":
-        return build_codec("taef2", device=device, latent_mean=codec.get("latent_mean"),
-                           latent_std=codec.get("latent_std"))
-    if kind == QWEN_VAE and vae is not None:
-        return load_vae_codec(vae, device=device, dtype=dtype or torch.float32, expected=codec)
-    raise ValueError(f"this checkpoint's latents come from an external VAE ({codec.get('vae', kind)!r}); "
-                     "pass that VAE's file (--vae on the command line) or a codec (in ComfyUI: connect the VAE "
-                     "input of TEASR Loader)")
 
 
 def validate_image(image: torch.Tensor) -> None:
