@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from teasr_core.formats.checkpoint import save_checkpoint
+from teasr_core.network.lora import DualLoRALinear
 from teasr_core.network.model import DualBranchDiT, preset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,6 +31,17 @@ def assert_close_rel(got: torch.Tensor, want: torch.Tensor, tol: float = ROUND_O
     """Relative L2 error of `got` against `want` below `tol`."""
     err = ((got.double() - want.double()).norm() / want.double().norm()).item()
     assert err < tol, f"relative L2 error {err:.2e} (tolerance {tol:.0e})"
+
+
+def fp8_dual_lora_layer(seed: int, ranks: tuple[int, int]) -> DualLoRALinear:
+    """A 64 -> 48 DualLoRALinear with nonzero LoRA B factors (so both branches matter) and an fp8 base."""
+    torch.manual_seed(seed)
+    layer = DualLoRALinear(64, 48, ranks=ranks)
+    with torch.no_grad():
+        layer.lora_noise_B.normal_()
+        layer.lora_cond_B.normal_()
+    layer.quantize_fp8()
+    return layer
 
 
 def shared_path(*parts: str) -> Path:

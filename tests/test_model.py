@@ -7,7 +7,7 @@ from teasr_core.network import lora as lora_module
 from teasr_core.network.lora import DualLoRALinear
 from teasr_core.network.model import DualBranchDiT, preset
 
-from conftest import assert_close_rel
+from conftest import assert_close_rel, fp8_dual_lora_layer
 
 CFG = preset("tiny", in_channels=16, context_dim=48)
 RAW_ROPE = 1e-4   # ComfyUI computes RoPE angles in float32, we in float64
@@ -151,12 +151,7 @@ def test_fp8_base_within_bf16_tolerance():
 
 def test_fp8_base_runs_real_fp8_matmuls_where_the_device_has_them(monkeypatch, caplog):
     """Opted in, CUDA 8.9+ takes torch._scaled_mm (row-wise scales); this CPU runs the same kernel call when told to."""
-    torch.manual_seed(5)
-    layer = DualLoRALinear(64, 48, ranks=(4, 4))
-    with torch.no_grad():
-        layer.lora_noise_B.normal_()
-        layer.lora_cond_B.normal_()
-    layer.quantize_fp8()
+    layer = fp8_dual_lora_layer(5, (4, 4))
     x = torch.randn(2, 10, 64, dtype=torch.bfloat16)
     dequantised = x.clone().requires_grad_()
     want = layer(dequantised, 6)

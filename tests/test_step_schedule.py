@@ -22,6 +22,8 @@ from train.distill import set_trainable
 from train.objectives import PassCounter
 from train.objectives.teasr import TeasrObjective
 
+from conftest import fp8_dual_lora_layer
+
 OLD = dict(stack_passes=False, backward_per_group=False, checkpoint_decoder=False)
 NEW = dict(stack_passes=True, backward_per_group=True, checkpoint_decoder=True)
 
@@ -105,12 +107,7 @@ def test_default_step_is_the_new_schedule(lpips):
 def test_fused_down_projection_equals_separate_matmuls(dtype):
     """fp8 base: [W; A_noise; A_cond] in one matmul vs W x, then A x per branch: outputs, input and LoRA
     gradients equal to round-off; the base weight never gets a gradient."""
-    torch.manual_seed(3)
-    layer = DualLoRALinear(64, 48, ranks=(4, 8))
-    with torch.no_grad():
-        layer.lora_noise_B.normal_()
-        layer.lora_cond_B.normal_()
-    layer.quantize_fp8()
+    layer = fp8_dual_lora_layer(3, (4, 8))
     x = torch.randn(2, 10, 64, dtype=dtype)
     results = []
     for fuse in (False, True):
