@@ -152,13 +152,12 @@ class Upscaler:
         file as `vae`, or a ready `codec`.
         """
         from ..formats.load import bundled_checkpoint_path, load_checkpoint
-        dtype_given = dtype
-        dtype = dtype or default_dtype(device)
-        ckpt = load_checkpoint(path or bundled_checkpoint_path(), device=device, dtype=dtype, fp8=fp8, base=base)
-        # auto: bf16 where native for this library's TAEF2 (fp32 ends keep its outputs precise); an external
-        # VAE (Qwen-Image's, run by ComfyUI's code) in the transformer's dtype, as ComfyUI's own nodes run it
-        own_codec = ckpt.codec.get("name") == "taef2"
-        codec_dtype = codec_dtype or dtype_given or (default_codec_dtype(device) if own_codec else dtype)
+        compute = dtype or default_dtype(device)
+        ckpt = load_checkpoint(path or bundled_checkpoint_path(), device=device, dtype=compute, fp8=fp8, base=base)
+        if codec_dtype is None:   # auto: bf16 where native for this library's TAEF2 (its fp32 ends keep outputs
+            # precise); an external VAE (Qwen-Image's, ComfyUI's code) in the transformer's, as ComfyUI runs it
+            own_codec = ckpt.codec.get("name") == "taef2"
+            codec_dtype = dtype or (default_codec_dtype(device) if own_codec else compute)
         return cls(ckpt.dit, codec or codec_from_config(ckpt.codec, device=device, vae=vae, dtype=codec_dtype),
                    end_ratio=ckpt.end_ratio)
 
