@@ -249,11 +249,11 @@ def loss_pixel(codec, perceptual, x_fake, hr, sigma_e2e, cfg, generator) -> dict
     rows = cols = slice(None)
     if cfg.pixel_window:
         x_fake, hr, (rows, cols) = pixel_window(x_fake, hr, cfg.pixel_window, cfg.pixel_margin, codec.scale, generator)
+    decode = codec.decode
+    if cfg.checkpoint_decoder and torch.is_grad_enabled():   # its activations not held beside the perceptual net's
+        decode = partial(checkpoint, codec.decode, use_reentrant=False)
     with torch.profiler.record_function("teasr.decode"):     # named for the GPU suite's profile
-        if cfg.checkpoint_decoder and torch.is_grad_enabled():   # its activations not held beside the perceptual net's
-            image = checkpoint(codec.decode, x_fake, use_reentrant=False).float()[..., rows, cols]
-        else:
-            image = codec.decode(x_fake).float()[..., rows, cols]
+        image = decode(x_fake).float()[..., rows, cols]
     weight = 1 - (1 - cfg.pixel_weight_at_noise) * sigma_e2e.float()
     terms = {}
     if cfg.w_mse > 0:
