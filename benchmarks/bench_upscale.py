@@ -2,7 +2,7 @@
 
   python benchmarks/bench_upscale.py [--checkpoint F] [--size 256] [--steps 1,4] [--device cpu]
                                      [--dtype auto|fp32|bf16] [--allocator reuse|default]
-                                     [--compare-allocator | --compare realesrgan]
+                                     [--compare-allocator | --compare realesrgan] [--previous]
 
 The process is set up as the command line sets up its own (`--allocator reuse`, see
 teasr_core/upscale/process.py), the model in the command line's precision (`--dtype auto`: per stage).
@@ -10,6 +10,8 @@ teasr_core/upscale/process.py), the model in the command line's precision (`--dt
 run and prints their ratio. `--compare realesrgan` times Real-ESRGAN x4plus (the eval's own
 implementation, bf16 where the CPU runs it natively, else fp32) on the same image, interleaved
 with the model's runs in this process, and prints each step count's time as a share of its.
+`--previous` also times each step count with the defaults before 2026-12-03 (the transformer over the
+whole image, the condition encoded from the bicubic upscale), interleaved, and prints the speed-up.
 """
 from __future__ import annotations
 
@@ -43,7 +45,7 @@ def seconds(run: Callable[[], object], cuda: bool) -> float:
 
 def time_upscale(upscaler: Upscaler, size: int, steps: list[int], repeats: int,
                  others: dict[str, Callable[[torch.Tensor], object]] | None = None) -> dict:
-    """Best and median seconds of a whole untiled upscale of a random size x size image, per step count
+    """Best and median seconds of a whole upscale (no image tile; the model's own attention window) of a random size x size image, per step count
     (and per method in `others`, timed on the same image, each round after the model's)."""
     image = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0))
     cuda = upscaler.device.type == "cuda"
@@ -87,6 +89,8 @@ def main():
                     help="reuse: keep freed memory as the command line does; default: glibc's own behaviour")
     ap.add_argument("--compare-allocator", action="store_true", help="time both allocator settings")
     ap.add_argument("--compare", choices=("realesrgan",), help="also time Real-ESRGAN x4plus, interleaved")
+    ap.add_argument("--previous", action="store_true", help="also time the previous defaults (whole-image attention, "
+                                                              "condition from the encoded upscale)")
     ap.add_argument("--dtype", choices=("auto", *DTYPES), default="auto",
                     help="as the command line's --dtype (auto: precision per stage)")
     ap.add_argument("--json", action="store_true", help="print the results as JSON only")
@@ -103,19 +107,26 @@ def main():
         esrgan_dtype = torch.bfloat16 if native_bf16(args.device) else torch.float32
         esrgan = load_realesrgan(args.device, esrgan_dtype)
         others[f"Real-ESRGAN x4plus ({str(esrgan_dtype)[6:]})"] = lambda image: realesrgan_upscale(esrgan, image)
+    steps = [int(s) for s in args.steps.split(",")]
+    if args.previous:
+        for n in steps:
+            previous = UpscaleSettings(steps=n, attention_tile=0, condition="upscaled")
+            others[f"steps={n:2d}, previous defaults"] = lambda image, s=previous: upscale(upscaler, image, s)
     where = torch.cuda.get_device_name() if args.device.startswith("cuda") else \
         f"{cpu_name()} CPU ({'native bf16' if native_bf16('cpu') else 'no native bf16'}), {torch.get_num_threads()} threads"
-    results = time_upscale(upscaler, args.size, [int(s) for s in args.steps.split(",")], args.repeats, others)
+    results = time_upscale(upscaler, args.size, steps, args.repeats, others)
     if args.json:
         return print(json.dumps(results))
     precision = f"transformer {str(upscaler.dit.compute_dtype)[6:]}, codec {str(getattr(upscaler.codec, 'dtype', 'none'))[6:]}"
     print(f"# {datetime.date.today()} {where}, torch {torch.__version__}, {precision}, "
-          f"{args.size}^2 -> {4 * args.size}^2, untiled, allocator {args.allocator}, best of {args.repeats} (interleaved)")
-    reference = results.get(next(iter(others), None))
+          f"{args.size}^2 -> {4 * args.size}^2, image untiled, attention window {upscaler.sampling.attention_tile or 'whole image'} px, condition auto, allocator {args.allocator}, best of {args.repeats} (interleaved)")
+    reference = results.get(next(iter(others), None)) if args.compare else None
     for key, t in results.items():
         label = f"steps={key:2d}" if isinstance(key, int) else key
         ratio = f"   {t['best'] / reference['best']:.2f}x Real-ESRGAN's time" if reference and isinstance(key, int) else ""
-        print(f"{label:32s} {t['best']:7.2f} s  (median {t['median']:.2f} s){ratio}")
+        if args.previous and isinstance(key, int):
+            ratio += f"   {results[f'steps={key:2d}, previous defaults']['best'] / t['best']:.2f}x faster than before"
+        print(f"{label:34s} {t['best']:7.2f} s  (median {t['median']:.2f} s){ratio}")
 
 
 def cpu_name() -> str:

@@ -76,6 +76,10 @@ def optional_inputs() -> list:
                        tooltip="Multi-step only: the last step's noise level as a share of start_strength; the "
                                "steps in between are evenly spaced. 0 = uniform steps down to 0. -1 = the "
                                "model's own setting (the bundled model: 0.85, its low-noise steps add grain)."),
+        io.Int.Input("attention_tile", default=-1, min=-1, max=8192, step=16, optional=True,
+                     tooltip="Side (output px) of the windows the transformer attends over; the codec keeps larger "
+                             "tiles. -1 = the model's own (the bundled model: 384 px, near its 256-px training crops: "
+                             "sharper and faster on large images), 0 = the whole image / tile."),
         io.Conditioning.Input("conditioning", optional=True,
                               tooltip="Text conditioning, only for TEASR models with a text stream (e.g. ones "
                                       "built on Qwen-Image); models without one ignore it."),
@@ -98,11 +102,12 @@ def timesteps_error(timesteps: str | None) -> str | None:
 
 
 def build_settings(*, steps, seed, mode, shift, start_strength, color_fix, timesteps=None, end_ratio=None,
-                   scale=4, tile=None, tile_overlap=None) -> UpscaleSettings:
-    """UpscaleSettings from node inputs; a negative end_ratio (the widget's -1) means the model's own."""
+                   attention_tile=None, scale=4, tile=None, tile_overlap=None) -> UpscaleSettings:
+    """UpscaleSettings from node inputs; a negative end_ratio or attention_tile (the widgets' -1) means the model's own."""
     return upscale_settings(steps=steps, seed=seed, mode=mode, shift=shift, start_strength=start_strength,
                             color_fix=color_fix, timesteps=(timesteps or "").strip() or None,
                             end_ratio=None if end_ratio is None or end_ratio < 0 else end_ratio, scale=scale,
+                            attention_tile=None if attention_tile is None or attention_tile < 0 else attention_tile,
                             tile=tile, tile_overlap=tile_overlap)
 
 

@@ -123,4 +123,4 @@ class TEASRLoader(io.ComfyNode):
         codec_dtype = DTYPES[dtype] if dtype != "auto" else default_codec_dtype(device)
         codec = codec_for(ckpt, vae, device, path.stem, codec_dtype)
         patcher = ModelPatcher(ckpt.dit, load_device=device, offload_device=offload)
-        return io.NodeOutput(TEASRModel(patcher, codec, ckpt.meta, path.stem, ckpt.end_ratio))
+        return io.NodeOutput(TEASRModel(patcher, codec, ckpt.meta, path.stem, ckpt.sampling))

@@ -21,6 +21,7 @@ from comfy.model_patcher import ModelPatcher
 from ..teasr_core.codecs.codec import check_image
 from ..teasr_core.codecs.qwen_vae import check_same_vae, fingerprint
 from ..teasr_core.network.model import DualBranchDiT
+from ..teasr_core.sampling import ModelSampling
 from ..teasr_core.upscale.pipeline import Upscaler
 
 # Share of the free memory (after the weights are loaded) a window may use: VRAM is ours for the
@@ -39,7 +40,7 @@ class TEASRModel:
     codec: object           # teasr_core.codecs.Codec
     meta: dict
     name: str
-    end_ratio: float = 0.0  # the checkpoint's recommended sampling grid (TEASRCheckpoint.end_ratio)
+    sampling: ModelSampling = ModelSampling()  # how the checkpoint is best sampled (TEASRCheckpoint.sampling)
     _cost: tuple[float, float] | None = field(default=None, repr=False)
 
     @property
@@ -64,7 +65,7 @@ class TEASRModel:
             mm.load_models_gpu([self.patcher], force_full_load=True)
             self._cost = self._token_cost()
         mm.load_models_gpu([self.patcher], memory_required=self.window_bytes(*window_hw), force_full_load=True)
-        return Upscaler(self.dit, self.codec, end_ratio=self.end_ratio)
+        return Upscaler(self.dit, self.codec, sampling=self.sampling)
 
     def tokens(self, out_h: int, out_w: int) -> int:
         a = self.alignment

@@ -30,9 +30,10 @@ class TEASRAnyStepSampler(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, image, steps, seed, mode, shift, start_strength, color_fix, timesteps="",
-                end_ratio=None, conditioning=None) -> io.NodeOutput:
+                end_ratio=None, attention_tile=None, conditioning=None) -> io.NodeOutput:
         settings = build_settings(steps=steps, seed=seed, mode=mode, shift=shift, start_strength=start_strength,
-                                  color_fix=color_fix, timesteps=timesteps, end_ratio=end_ratio)
+                                  color_fix=color_fix, timesteps=timesteps, end_ratio=end_ratio,
+                                  attention_tile=attention_tile)
         check_output_fits(image, settings.scale)
         try:
             return io.NodeOutput(upscale_images(model, image, settings, conditioning))

@@ -64,9 +64,9 @@ class TEASRTiledUpscale(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, image, steps, seed, mode, shift, start_strength, color_fix, tile_size, tile_overlap,
-                timesteps="", end_ratio=None, conditioning=None) -> io.NodeOutput:
+                timesteps="", end_ratio=None, attention_tile=None, conditioning=None) -> io.NodeOutput:
         settings = build_settings(steps=steps, seed=seed, mode=mode, shift=shift, start_strength=start_strength,
-                                  color_fix=color_fix, timesteps=timesteps, end_ratio=end_ratio,
+                                  color_fix=color_fix, timesteps=timesteps, end_ratio=end_ratio, attention_tile=attention_tile,
                                   tile_overlap=tile_overlap)
         check_output_fits(image, settings.scale)
         out_hw = (image.shape[1] * settings.scale, image.shape[2] * settings.scale)

@@ -14,7 +14,8 @@ from .sampling import MODES
 from .upscale.color import COLOR_FIX_METHODS
 from .upscale.imageio import (DEFAULT_MAX_MEGAPIXELS, IMAGE_EXTENSIONS, LIMIT_FLAG, ImageCanvas, ImageReadError, Photo,
                               output_format, read_image)
-from .upscale.pipeline import Upscaler, bicubic_rows, count_model_calls, upscale, upscale_into, upscale_settings
+from .upscale.pipeline import (CONDITIONS, Upscaler, bicubic_rows, count_model_calls, upscale, upscale_into,
+                              upscale_settings)
 from .upscale.process import replace_pillow_size_check, reuse_freed_memory
 
 AUTO_TILE_ABOVE = 1536  # output side (px) above which --tile-size auto tiles
@@ -44,6 +45,13 @@ def add_upscale_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--color-fix", choices=COLOR_FIX_METHODS, default="wavelet")
     p.add_argument("--tile-size", default="auto", help="output pixels per tile side, 'auto' or 0 (untiled)")
     p.add_argument("--tile-overlap", type=int, default=128, help="output pixels")
+    p.add_argument("--attention-tile", type=int, help="output pixels per side of the windows the transformer "
+                                                      "attends over inside a tile; 0 = the tile (default: the model's own)")
+    p.add_argument("--attention-overlap", type=int, help="output pixels between attention windows (default: the model's own)")
+    p.add_argument("--condition", choices=CONDITIONS, default="auto",
+                   help="condition latent: 'upscaled' encodes the bicubic upscale (what the model trained on), 'lr' "
+                        "reads the LR through the codec's LR head (1/10 of the work), auto (default): 'lr' where the "
+                        "codec has a head for the scale")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                    help="compute dtype of every stage; auto (default): per stage, the transformer in fp32 on CPU "
@@ -85,7 +93,9 @@ def settings_for(args, steps: int, image_hw: tuple[int, int]):
     return upscale_settings(steps=steps, scale=args.scale, seed=args.seed, mode=args.mode, shift=args.shift,
                             stochasticity=args.stochasticity,
                             timesteps=args.timesteps, start_strength=args.start_strength, end_ratio=args.end_ratio,
-                            color_fix=args.color_fix, tile=tile_for(args, out_hw), tile_overlap=args.tile_overlap)
+                            color_fix=args.color_fix, tile=tile_for(args, out_hw), tile_overlap=args.tile_overlap,
+                            attention_tile=args.attention_tile, attention_overlap=args.attention_overlap,
+                            condition=args.condition)
 
 
 def upscale_photo(upscaler: Upscaler, photo: Photo, name: str, dst: Path, args) -> None:

@@ -7,6 +7,7 @@ is the average velocity from sigma to target, so one call jumps: x_target = x - 
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
@@ -23,6 +24,40 @@ def check_end_ratio(end_ratio) -> float:
     if isinstance(end_ratio, bool) or not isinstance(end_ratio, (int, float)) or not 0 <= end_ratio < 1:
         raise ValueError(f"end ratio must be a number in [0, 1), got {end_ratio!r}")
     return float(end_ratio)
+
+
+@dataclass(frozen=True)
+class ModelSampling:
+    """How a model is best sampled: its checkpoint's "sampling" metadata. Settings left unset defer to it.
+
+    `attention_tile`: the largest window (output px per side) the transformer attends over, with
+    `attention_overlap` px between windows; 0 = as large as the image tile. Why: a model trained on
+    small crops restores better, and faster, in windows near that size than over a whole photo
+    (BENCHMARKS.md, "A smaller attention tile"); the codec keeps its own, larger tiles.
+    """
+
+    end_ratio: float = 0.0
+    attention_tile: int = 0
+    attention_overlap: int = 64
+
+    def __post_init__(self):
+        check_end_ratio(self.end_ratio)
+        for name in ("attention_tile", "attention_overlap"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be a whole number of pixels >= 0, got {value!r}")
+        if self.attention_tile and self.attention_overlap >= self.attention_tile:
+            raise ValueError(f"attention_overlap {self.attention_overlap} must be smaller than attention_tile "
+                             f"{self.attention_tile}")
+
+    @classmethod
+    def from_metadata(cls, sampling: dict | None) -> "ModelSampling":
+        """From a checkpoint's "sampling" dict (unknown keys are refused by name); ValueError if unusable."""
+        sampling = dict(sampling or {})
+        unknown = sorted(set(sampling) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ValueError(f"unknown sampling keys {unknown}; known: {sorted(cls.__dataclass_fields__)}")
+        return cls(**sampling)
 
 
 def shifted_sigmas(steps: int, shift: float = 1.0, start: float = 1.0, end_ratio: float = 0.0) -> torch.Tensor:

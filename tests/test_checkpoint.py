@@ -341,9 +341,13 @@ def test_base_transformer_passed_as_a_teasr_checkpoint_points_to_the_base_loader
         load_checkpoint(path)
 
 
-def test_bad_sampling_metadata_is_refused_at_load(tmp_path):
-    path = save_checkpoint(tmp_path / "m.safetensors", DualBranchDiT(preset("tiny")), CODEC, sampling={"end_ratio": 1.2})
-    with pytest.raises(CheckpointError, match="end_ratio 1.2"):
+@pytest.mark.parametrize("sampling, why", [({"end_ratio": 1.2}, "end ratio must be a number in \\[0, 1\\), got 1.2"),
+                                           ({"attention_tile": 384, "attention_overlap": 400}, "must be smaller"),
+                                           ({"attention_tile": -16}, "attention_tile must be a whole number"),
+                                           ({"window": 384}, "unknown sampling keys \\['window'\\]")])
+def test_bad_sampling_metadata_is_refused_at_load(tmp_path, sampling, why):
+    path = save_checkpoint(tmp_path / "m.safetensors", DualBranchDiT(preset("tiny")), CODEC, sampling=sampling)
+    with pytest.raises(CheckpointError, match=why):
         Upscaler.from_checkpoint(path)
 
 

@@ -57,6 +57,19 @@ def test_wavelet_takes_low_frequencies_from_reference_and_detail_from_image():
     assert (out - smooth_b - detail_a).abs().mean() < 0.01
 
 
+@pytest.mark.parametrize("shape", [(1, 3, 64, 96), (2, 1, 5, 40)])   # smaller than the widest dilation too
+def test_wavelet_lowpass_is_the_dilated_binomial_blur(shape):
+    """The shifted-add passes equal the textbook a-trous step: a depthwise 3x3 [1,2,1]x[1,2,1]/16 convolution
+    at dilations 1..16 on replicate-padded input."""
+    x = torch.rand(shape, generator=torch.Generator().manual_seed(0))
+    expected, kernel = x, (torch.tensor([1.0, 2.0, 1.0]).outer(torch.tensor([1.0, 2.0, 1.0])) / 16)
+    for level in range(5):
+        d = 2 ** level
+        expected = F.conv2d(F.pad(expected, (d, d, d, d), mode="replicate"),
+                            kernel.expand(shape[1], 1, 3, 3), dilation=d, groups=shape[1])
+    assert torch.allclose(wavelet_lowpass(x), expected, atol=1e-6)
+
+
 @pytest.mark.parametrize("method", ["adain", "wavelet"])
 def test_colour_cast_is_corrected(method):
     smooth, detail = layers(2)

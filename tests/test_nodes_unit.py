@@ -69,8 +69,9 @@ def bicubic_x4(image):
 
 def test_end_ratio_defaults_to_the_checkpoints_own(pack, tiny):
     from dataclasses import replace
+    from teasr_pack.teasr_core.sampling import ModelSampling
     image = torch.rand(1, 8, 8, 3, generator=torch.Generator().manual_seed(0))
-    own = sample(pack, replace(tiny, end_ratio=0.85), image, steps=3)      # end_ratio not given
+    own = sample(pack, replace(tiny, sampling=ModelSampling(end_ratio=0.85)), image, steps=3)      # end_ratio not given
     assert torch.equal(own, sample(pack, tiny, image, steps=3, end_ratio=0.85))
     assert not torch.equal(own, sample(pack, tiny, image, steps=3, end_ratio=-1.0))  # tiny's own: uniform
 
@@ -105,7 +106,7 @@ def test_schema_inputs(pack):
     assert req["seed"][1]["control_after_generate"] is True
     assert req["mode"][1]["options"] == ["jump", "flowmap", "renoise"]
     assert req["color_fix"][1]["options"] == ["wavelet", "adain", "none"]
-    assert set(sampler["optional"]) == {"timesteps", "end_ratio", "conditioning"}
+    assert set(sampler["optional"]) == {"timesteps", "end_ratio", "attention_tile", "conditioning"}
     assert sampler["optional"]["end_ratio"][1]["default"] == -1.0  # the model's own
     tiled_req = pack.nodes.tiled.TEASRTiledUpscale.GET_NODE_INFO_V1()["input"]["required"]
     assert tiled_req["tile_size"][1]["default"] == 0 and tiled_req["tile_overlap"][0] == "INT"

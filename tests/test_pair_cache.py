@@ -73,3 +73,29 @@ def test_trainer_reads_the_cached_latents(cache, tmp_path, caplog):
         last = rows(tmp_path / run)[-1]
         assert last["step"] == 2 and {"fm", "jump"} <= set(last) and last["fwd_grad"] == 2
     assert "latents of another codec (taef2)" in caplog.text
+
+
+def test_lr_head_trains_resumes_exactly_and_exports(cache, tmp_path):
+    """train.condition_encoder on the cache's LR / condition pairs: the loss falls, a run stopped and
+    resumed ends with the same head as one run straight through, and the export loads in the codec."""
+    from teasr_core.codecs.taef2 import LR_HEAD_FILE, WEIGHT_FILES, BUNDLED_WEIGHTS, TAEF2Codec
+    from train.condition_encoder import main as train_head
+    common = ["--pairs", str(cache), "--batch", "4", "--val", "4", "--lr", "3e-3", "--log-every", "2",
+              "--save-every", "3", "--threads", "1", "--precision", "fp32"]
+    train_head([*common, "--out", str(tmp_path / "straight"), "--steps", "6"])
+    train_head([*common, "--out", str(tmp_path / "split"), "--steps", "6", "--stop-at", "3"])
+    train_head([*common, "--out", str(tmp_path / "split"), "--steps", "6", "--resume"])
+    logs = [[json.loads(line) for line in (tmp_path / run / "log.jsonl").read_text().splitlines()]
+            for run in ("straight", "split")]
+    assert logs[0][-1]["val_mse"] < 0.9 * logs[0][0]["val_mse"]   # 0.81 -> 0.65 here
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    for name in WEIGHT_FILES:
+        (weights / name).write_bytes((BUNDLED_WEIGHTS / name).read_bytes())
+    heads = []
+    for run in ("straight", "split"):
+        train_head([*common, "--out", str(tmp_path / run), "--steps", "6", "--export", str(weights / LR_HEAD_FILE)])
+        heads.append(load_file(str(weights / LR_HEAD_FILE)))
+    assert all(torch.equal(heads[0][k], heads[1][k]) for k in heads[0])   # the same computation, resumed
+    assert [r["loss"] for r in logs[0] if r["step"] > 3] == [r["loss"] for r in logs[1] if r["step"] > 3]
+    assert TAEF2Codec(weights_dir=weights).lr_scale == 4

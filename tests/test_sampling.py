@@ -6,7 +6,7 @@ import torch
 
 from teasr_core.codecs.codec import PixelCodec
 from teasr_core.network.model import DualBranchDiT, preset
-from teasr_core.sampling import (batch_noise, flow_map_step, noise_field, sample, shifted_sigmas,
+from teasr_core.sampling import (ModelSampling, batch_noise, flow_map_step, noise_field, sample, shifted_sigmas,
                                  sigmas_from_timesteps)
 from teasr_core.tiling import feather, plan_tiles
 from teasr_core.upscale.pipeline import UpscaleSettings, Upscaler, count_model_calls, upscale
@@ -46,13 +46,13 @@ def test_end_ratio_keeps_the_steps_at_high_noise():
         with pytest.raises(ValueError, match="end ratio"):
             UpscaleSettings(steps=2, end_ratio=bad)
     # None = the model's own ratio, given by the upscaler at sampling time.
-    assert torch.equal(UpscaleSettings(steps=4).sigmas(0.85), UpscaleSettings(steps=4, end_ratio=0.85).sigmas())
-    assert torch.equal(UpscaleSettings(steps=4, end_ratio=0.0).sigmas(0.85), UpscaleSettings(steps=4).sigmas())
+    assert torch.equal(UpscaleSettings(steps=4).sigmas(ModelSampling(end_ratio=0.85)), UpscaleSettings(steps=4, end_ratio=0.85).sigmas())
+    assert torch.equal(UpscaleSettings(steps=4, end_ratio=0.0).sigmas(ModelSampling(end_ratio=0.85)), UpscaleSettings(steps=4).sigmas())
 
 
 def test_upscale_samples_on_the_models_own_grid():
     up, image = tiny_upscaler(), torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(0))
-    own = upscale(Upscaler(up.dit, up.codec, end_ratio=0.85), image, UpscaleSettings(steps=3, color_fix="none"))
+    own = upscale(Upscaler(up.dit, up.codec, sampling=ModelSampling(end_ratio=0.85)), image, UpscaleSettings(steps=3, color_fix="none"))
     explicit = upscale(up, image, UpscaleSettings(steps=3, end_ratio=0.85, color_fix="none"))
     uniform = upscale(up, image, UpscaleSettings(steps=3, color_fix="none"))
     assert torch.equal(own, explicit)  # the very same computation

@@ -15,6 +15,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -23,10 +24,12 @@ from PIL import Image
 
 from teasr_core.codecs.codec import PixelCodec
 from teasr_core.network.model import DualBranchDiT, preset
+from teasr_core.sampling import ModelSampling
 from teasr_core.tiling import gather
 from teasr_core.upscale import pipeline
 from teasr_core.upscale.color import color_fix
-from teasr_core.upscale.pipeline import Reference, UpscaleSettings, Upscaler, resize_bicubic, upscale
+from teasr_core.upscale.pipeline import (Reference, UpscaleSettings, Upscaler, count_model_calls, resize_bicubic,
+                                         upscale)
 
 from conftest import REPO, shared_path
 
@@ -77,6 +80,31 @@ def test_pixel_codec_tiled_equals_untiled(settings, monkeypatch):
         plain = upscale(up, image, UpscaleSettings(**{**settings.__dict__, "color_fix": "none"}))
         reference = resize_bicubic(image, whole.shape[-2:])
         torch.testing.assert_close(color_fix(plain, reference, "wavelet"), whole, rtol=0, atol=1e-5)
+
+
+def test_attention_tile_windows_the_transformer_only():
+    """The model's attention tile (its checkpoint's sampling metadata) runs the transformer in windows
+    as a tile of that size would, while the rest of the image stays whole; a smaller image tile wins,
+    0 turns it off, and the settings override the model's."""
+    torch.manual_seed(0)
+    dit = DualBranchDiT(preset("tiny", in_channels=48, lora_ranks=(2, 2))).eval()   # attention on: windows matter
+    image = torch.rand(1, 3, 37, 45, generator=torch.Generator().manual_seed(1))   # output 148 x 180
+    plain, windowed = Upscaler(dit, PixelCodec(4)), Upscaler(dit, PixelCodec(4), sampling=ModelSampling(
+        attention_tile=64, attention_overlap=16))
+    settings = UpscaleSettings(steps=2, seed=3)
+    whole, own = upscale(plain, image, settings), upscale(windowed, image, settings)
+    as_tiles = upscale(plain, image, replace(settings, tile=64, tile_overlap=16))
+    torch.testing.assert_close(own, as_tiles, rtol=0, atol=1e-5)
+    assert (own - whole).abs().mean() > 1e-4      # windows change what the transformer sees (9e-4 here)
+    torch.testing.assert_close(upscale(plain, image, replace(settings, attention_tile=64, attention_overlap=16)), own,
+                               rtol=0, atol=0)
+    assert torch.equal(upscale(windowed, image, replace(settings, attention_tile=0)), whole)
+    smaller = replace(settings, tile=48, tile_overlap=16)
+    torch.testing.assert_close(upscale(windowed, image, smaller), upscale(plain, image, smaller), rtol=0, atol=0)
+    assert count_model_calls(windowed, (37, 45), settings) == 2 * len(pipeline.plan_for(plain, (37, 45), replace(
+        settings, tile=64, tile_overlap=16))[0]) == 2 * 12
+    with pytest.raises(ValueError, match="attention_overlap 64 must be smaller than attention_tile 64"):
+        UpscaleSettings(attention_tile=64, attention_overlap=64)
 
 
 @pytest.fixture(scope="module")
@@ -144,3 +172,20 @@ def test_peak_memory_grows_with_the_output_not_19x(tmp_path, tiny_ckpt):
     print(f"peak RSS {peaks[64] / 2**20:.0f} MB -> {peaks[256] / 2**20:.0f} MB: "
           f"{growth / extra_output_pixels:.1f} bytes per extra output pixel")
     assert growth < 32 * extra_output_pixels     # ~10x the 8-bit output, 1/7 of the old path
+
+
+@torch.no_grad()
+def test_condition_from_the_lr_head_where_the_codec_has_one(tmp_path):
+    from test_codecs import head_codec
+    codec = head_codec(tmp_path)
+    up, image = Upscaler(local_dit(32), codec), photo((24, 20))     # output 96 x 80: padded to 96 x 80
+    settings = UpscaleSettings(steps=1, seed=2, color_fix="none", start_strength=0.1)
+    auto, lr, upscaled = (upscale(up, image, replace(settings, condition=c)) for c in ("auto", "lr", "upscaled"))
+    assert torch.equal(auto, lr) and (auto - upscaled).abs().mean() > 0.01   # a random head: a different condition
+    assert pipeline.encodes_lr(codec, settings) and not pipeline.encodes_lr(codec, replace(settings, scale=2))
+    with pytest.raises(ValueError, match="condition 'lr' needs a codec with an LR head for x2; taef2 has one for x4"):
+        upscale(up, image, replace(settings, scale=2, condition="lr"))
+    with pytest.raises(ValueError, match="condition 'lr' needs a codec with an LR head for x4; pixel has none"):
+        upscale(Upscaler(local_dit(48), PixelCodec(4)), image, replace(settings, condition="lr"))
+    with pytest.raises(ValueError, match="unknown condition 'hr'"):
+        UpscaleSettings(condition="hr")

@@ -349,6 +349,7 @@ def test_qwen_image_recipe_parses_with_its_three_files():
 
 def test_export_records_the_recommended_grid_and_keeps_the_origin(tmp_path):
     from teasr_core.formats.checkpoint import save_checkpoint
+    from teasr_core.sampling import ModelSampling
     from teasr_core.upscale.pipeline import Upscaler
     from train.export import main as export
     trained = save_checkpoint(tmp_path / "step-00000010.safetensors", DualBranchDiT(preset("tiny")),
@@ -359,7 +360,12 @@ def test_export_records_the_recommended_grid_and_keeps_the_origin(tmp_path):
     meta = read_metadata(second)
     assert meta["sampling"] == {"end_ratio": 0.85} and "sampling" not in read_metadata(first)
     assert meta["training"] == {"steps": 10, "exported_from": trained.name}  # the trainer's file, not the copy
-    assert Upscaler.from_checkpoint(second).end_ratio == 0.85 and Upscaler.from_checkpoint(first).end_ratio == 0.0
+    assert Upscaler.from_checkpoint(second).sampling.end_ratio == 0.85 and Upscaler.from_checkpoint(first).sampling.end_ratio == 0.0
     assert all(torch.equal(a, b) for a, b in zip(load_file(first).values(), load_file(second).values()))
-    with pytest.raises(ValueError, match="end ratio"):
+    export([str(second), str(first), "--attention-tile", "384", "--attention-overlap", "64"])   # end ratio kept
+    assert Upscaler.from_checkpoint(first).sampling == ModelSampling(0.85, attention_tile=384, attention_overlap=64)
+    with pytest.raises(SystemExit, match="end ratio"):
         export([str(first), str(tmp_path / "bad.safetensors"), "--end-ratio", "1.5"])
+    with pytest.raises(SystemExit, match="attention_overlap 384 must be smaller than attention_tile 384"):
+        export([str(first), str(tmp_path / "bad.safetensors"), "--attention-overlap", "384"])
+    assert not (tmp_path / "bad.safetensors").exists()

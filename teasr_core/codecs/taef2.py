@@ -28,6 +28,7 @@ from .codec import check_image, tiled_map
 
 BUNDLED_WEIGHTS = Path(__file__).resolve().parents[1] / "bundled" / "taef2"
 WEIGHT_FILES = ("taef2_encoder.safetensors", "taef2_decoder.safetensors")
+LR_HEAD_FILE = "taef2_lr_head_x4.safetensors"   # optional: the LR head (make_lr_head), TEASR's own
 
 # Per-channel mean / std of raw TAEF2 latents of real photos, used to normalise them to ~N(0, 1).
 # Measured once (fp32, CPU) over 40 images of shared/data/train_pool (every 12th file of the 480,
@@ -131,6 +132,21 @@ def make_encoder(latent_channels: int = 32, width: int = 64) -> nn.Sequential:
     )
 
 
+LR_HEAD_REPLACES = 7  # encoder layers 0-6 (image resolution down to 1/4) that the LR head stands in for
+LR_SCALE = 4          # the upscale factor the LR head is made for: its input is the LR image itself
+
+
+def make_lr_head(width: int = 64) -> nn.Sequential:
+    """LR image [B, 3, h, w] -> the features encoder[:7] gives for its x4 bicubic upscale, [B, 64, h, w].
+
+    Why: the model's condition is the encoded bicubic upscale, and the encoder's first layers run at
+    output resolution, 16x the LR's pixels, for an image whose extra pixels are interpolated. This
+    head is trained (train/condition_encoder.py) to give the same features from the LR directly;
+    encoder layers 7-14 follow unchanged. ~260 k parameters, ~1/10 of the encode's work.
+    """
+    return nn.Sequential(conv3x3(3, width), Block(width), Block(width), conv3x3(width, width))
+
+
 def make_decoder(latent_channels: int = 32, width: int = 64) -> nn.Sequential:
     """Raw latent [B, 32, h, w] -> image [B, 3, 8h, 8w], roughly in [0, 1] (not clamped)."""
     return nn.Sequential(
@@ -165,6 +181,9 @@ def load_strict(net: nn.Module, path: Path) -> None:
 class TAEF2Codec:
     """Frozen TAEF2 encoder/decoder with per-channel latent normalisation (see `Codec` in codec.py).
 
+    With the LR head in the weights folder, `encode_lr` gives the condition of a x4 upscale from the
+    LR image itself (see make_lr_head); `lr_scale` is then 4, else None.
+
     Inputs are moved to the codec's device and dtype; latents and images come out on that device in
     float32 (a bf16 / fp16 codec keeps its first and last layers in float32). The nets have no trainable
     parameters, but `decode` is an ordinary differentiable function of its input. They run in
@@ -196,6 +215,11 @@ class TAEF2Codec:
             net.requires_grad_(False).eval().to(self.device, dtype, memory_format=torch.channels_last)
             if dtype != torch.float32:
                 net[-1] = Float32Conv(net[-1])
+        self.lr_head, self.lr_scale = None, None
+        if (weights_dir / LR_HEAD_FILE).is_file():
+            self.lr_head, self.lr_scale = make_lr_head(), LR_SCALE
+            load_strict(self.lr_head, weights_dir / LR_HEAD_FILE)
+            self.lr_head.requires_grad_(False).eval().to(self.device, dtype, memory_format=torch.channels_last)
         mean = LATENT_MEAN if latent_mean is None else latent_mean
         std = LATENT_STD if latent_std is None else latent_std
         self.latent_mean = torch.as_tensor(mean, dtype=torch.float32, device=self.device).reshape(1, -1, 1, 1)
@@ -208,6 +232,12 @@ class TAEF2Codec:
         """[B, 3, H, W] in [0, 1] (H, W multiples of 8) -> normalised latent [B, 32, H/8, W/8]."""
         check_image(image, self.scale)
         raw = self.encoder(self._input(image))
+        return ((raw - self.latent_mean) / self.latent_std).contiguous()
+
+    def encode_lr(self, lr: torch.Tensor) -> torch.Tensor:
+        """LR [B, 3, h, w] in [0, 1] (h, w even) -> about `encode` of its x4 bicubic upscale, [B, 32, h/2, w/2]."""
+        check_image(lr, self.scale // LR_SCALE)
+        raw = self.encoder[LR_HEAD_REPLACES:](self._lr_head()(self._input(lr)))
         return ((raw - self.latent_mean) / self.latent_std).contiguous()
 
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
@@ -225,8 +255,18 @@ class TAEF2Codec:
         The image-resolution head runs once per tile into a 64-channel map at 1/8 resolution; the
         mid blocks' statistics are measured on that whole map, then the tail runs per tile with them.
         """
-        s = self.scale
-        head, tail = self.encoder[:ENCODER_HEAD], self.encoder[ENCODER_HEAD:]
+        return self._encode_tiled(self.encoder[:ENCODER_HEAD], image_window, self.scale, latent_hw, tile)
+
+    def encode_lr_tiled(self, lr_window: Callable[[int, int, int, int], torch.Tensor], latent_hw: tuple[int, int],
+                        tile: int) -> torch.Tensor:
+        """`encode_lr` of the LR image given by `lr_window(y0, y1, x0, x1)` (LR pixels), tiled as `encode_tiled`."""
+        head = nn.Sequential(self._lr_head(), *self.encoder[LR_HEAD_REPLACES:ENCODER_HEAD])
+        return self._encode_tiled(head, lr_window, self.scale // LR_SCALE, latent_hw, tile)
+
+    def _encode_tiled(self, head: nn.Module, image_window: Callable[[int, int, int, int], torch.Tensor], s: int,
+                      latent_hw: tuple[int, int], tile: int) -> torch.Tensor:
+        """The local `head` per tile (s input pixels per latent pixel), then the mid blocks with whole-image statistics."""
+        tail = self.encoder[ENCODER_HEAD:]
         features = gather(tiled_map(
             lambda t: head(self._input(image_window(t.y0 * s, (t.y0 + t.h) * s, t.x0 * s, (t.x0 + t.w) * s))),
             latent_hw, tile, self.tile_margin, 0, 1)).to(self.dtype)   # tiles are blended in float32
@@ -241,6 +281,12 @@ class TAEF2Codec:
         with self._global_norms(blocks, head, raw, tile):
             yield from tiled_map(lambda t: self.decoder(_window(raw, t)).clamp(0, 1), tuple(raw.shape[-2:]), tile,
                                  self.tile_margin, 0, self.scale)
+
+    def _lr_head(self) -> nn.Sequential:
+        if self.lr_head is None:
+            raise ValueError(f"this TAEF2 codec has no LR head ({LR_HEAD_FILE} is not in its weights folder): "
+                             "encode the x4 bicubic upscale instead")
+        return self.lr_head
 
     def _input(self, image: torch.Tensor) -> torch.Tensor:
         return image.to(self.device, self.dtype, memory_format=torch.channels_last)

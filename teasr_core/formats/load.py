@@ -15,7 +15,7 @@ import torch
 from .. import __version__
 from ..network.model import DiTConfig, DualBranchDiT
 from ..safetensors_io import CheckpointError, check_names, header_shapes, read_header, read_tensors, tensor_shapes
-from ..sampling import check_end_ratio
+from ..sampling import ModelSampling
 from .checkpoint import FORMAT_VERSION, METADATA_KEY
 from .dual_lora import convert_dual_lora, is_dual_lora_file
 from .layout import castable, describe_config, finish_loading, fit_fp8_slots, fit_lora, is_delta_key, is_lora_key, meta_model
@@ -36,14 +36,13 @@ class TEASRCheckpoint:
         return f"teasr-{self.meta.get('preset') or 'custom'}-{self.codec.get('name', 'unknown')}"
 
     @property
-    def end_ratio(self) -> float:
-        """The sampling grid's end ratio the file recommends (0: uniform), see sampling.shifted_sigmas."""
-        value = (self.meta.get("sampling") or {}).get("end_ratio", 0.0)
+    def sampling(self) -> ModelSampling:
+        """The settings the file recommends sampling with (end ratio, attention tile), see ModelSampling."""
         try:
-            return check_end_ratio(value)
-        except ValueError:
-            raise CheckpointError(f"the checkpoint's sampling metadata has end_ratio {value!r}; expected a number "
-                                  "in [0, 1) (re-export it with train.export --end-ratio)") from None
+            return ModelSampling.from_metadata(self.meta.get("sampling"))
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"the checkpoint's sampling metadata {self.meta.get('sampling')!r} is unusable: {e} "
+                                  "(re-export it with train.export)") from None
 
 
 def _teasr_config(path: Path, header: dict) -> dict:

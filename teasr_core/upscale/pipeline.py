@@ -22,12 +22,13 @@ import torch.nn.functional as F
 from ..codecs.build import codec_from_config
 from ..codecs.codec import Codec, is_local, tiled_decode, tiled_encode
 from ..network.model import DualBranchDiT
-from ..sampling import (NOISE_CELL, batch_sigma, check_mode, noise_field, sampler_step, shifted_sigmas,
-                        sigmas_from_timesteps, step_target)
+from ..sampling import (NOISE_CELL, ModelSampling, batch_sigma, check_mode, noise_field, sampler_step,
+                        shifted_sigmas, sigmas_from_timesteps, step_target)
 from ..tiling import Rows, RowStream, RunningMoments, Tile, blend_rows, gather, plan_tiles
 from .color import COLOR_FIX_METHODS, WAVELET_RADIUS, adain_apply, wavelet_fix
 
 Progress = Callable[[int, int], None]  # (done, total) after every model call
+CONDITIONS = ("auto", "lr", "upscaled")  # UpscaleSettings.condition
 CODEC_TILE = 1024      # output px per side of a codec (encode / decode) tile
 ROW_BAND_PIXELS = 2 ** 20  # colour-fix band size: rows x output width (plus the wavelet margin)
 
@@ -77,26 +78,44 @@ class UpscaleSettings:
     stochasticity: float = 1.0            # renoise mode: share of fresh noise per step
     tile: int | None = None               # tile side in output pixels; None = whole image at once
     tile_overlap: int = 64                # output pixels
+    attention_tile: int | None = None     # transformer window side (output px) within a tile; 0 = the tile;
+                                          # None = the model's own (ModelSampling)
+    attention_overlap: int | None = None  # output px between transformer windows; None = the model's own
     color_fix: str = "wavelet"            # one of color.COLOR_FIX_METHODS
+    condition: str = "auto"               # how the condition latent is made, one of CONDITIONS: "upscaled" =
+                                          # encode the bicubic upscale (what the model trained on); "lr" = the
+                                          # codec's LR head, 1/10 of the work (TAEF2Codec.encode_lr); "auto" =
+                                          # "lr" where the codec has a head for this scale
 
     def __post_init__(self):
         check_mode(self.mode, self.stochasticity)
+        if self.condition not in CONDITIONS:
+            raise ValueError(f"unknown condition {self.condition!r}; choose one of {CONDITIONS}")
         if self.color_fix not in COLOR_FIX_METHODS:
             raise ValueError(f"unknown color fix {self.color_fix!r}; choose one of {COLOR_FIX_METHODS}")
         if not 1 <= self.scale <= 8:
             raise ValueError(f"scale must be in 1..8, got {self.scale}")
+        ModelSampling(attention_tile=self.attention_tile or 0, attention_overlap=self.attention_overlap or 0)
         self.sigmas()  # validates steps / shift / start_strength / end_ratio / timesteps
 
-    def sigmas(self, model_end_ratio: float = 0.0) -> torch.Tensor:
-        """The noise levels; `model_end_ratio` is the model's own end ratio, used when end_ratio is None."""
+    def sigmas(self, model: ModelSampling = ModelSampling()) -> torch.Tensor:
+        """The noise levels; `model`'s end ratio is used when end_ratio is None."""
         if self.timesteps:
             return sigmas_from_timesteps(self.timesteps)
-        end_ratio = model_end_ratio if self.end_ratio is None else self.end_ratio
+        end_ratio = model.end_ratio if self.end_ratio is None else self.end_ratio
         return shifted_sigmas(self.steps, self.shift, self.start_strength, end_ratio)
 
     @property
     def model_calls(self) -> int:
         return len(self.sigmas()) - 1
+
+    def transformer_tile(self, model: ModelSampling) -> tuple[int | None, int]:
+        """(window side, overlap) in output px the transformer runs in: the attention window (the settings',
+        else the model's) where it is smaller than the tile; None = the whole image."""
+        window = model.attention_tile if self.attention_tile is None else self.attention_tile
+        if window and (self.tile is None or window < self.tile):
+            return window, model.attention_overlap if self.attention_overlap is None else self.attention_overlap
+        return self.tile, self.tile_overlap
 
 
 def native_bf16(device) -> bool:
@@ -138,7 +157,7 @@ class Upscaler:
     dit: DualBranchDiT
     codec: Codec
     context: torch.Tensor | None = None
-    end_ratio: float = 0.0                 # the sampling grid this model is best with (UpscaleSettings.end_ratio)
+    sampling: ModelSampling = ModelSampling()   # how this model is best sampled (its checkpoint's metadata)
 
     @classmethod
     def from_checkpoint(cls, path=None, *, device="cpu", dtype=None, codec_dtype=None, fp8=False, codec: Codec | None = None,
@@ -159,7 +178,7 @@ class Upscaler:
             own_codec = ckpt.codec.get("name") == "taef2"
             codec_dtype = dtype or (default_codec_dtype(device) if own_codec else compute)
         return cls(ckpt.dit, codec or codec_from_config(ckpt.codec, device=device, vae=vae, dtype=codec_dtype),
-                   end_ratio=ckpt.end_ratio)
+                   sampling=ckpt.sampling)
 
     @property
     def device(self) -> torch.device:
@@ -201,6 +220,7 @@ class Reference:
     A window reads the input rows / columns it needs plus bicubic's 2-pixel support, so it equals
     the same window of the whole upscale. Padding past the output size mirrors the upscale (reflect;
     replicate when the padding is not smaller than the image), as the codec needs aligned sizes.
+    Scale 1: the image itself, mirrored past its edges likewise (what the codec's LR head reads).
     """
 
     def __init__(self, image: torch.Tensor, scale: int, padded_hw: tuple[int, int] | None = None):
@@ -220,19 +240,22 @@ class Reference:
         s, (h, w) = self.scale, self.image.shape[-2:]
         ly0, ly1 = max(0, int(rows.min()) // s - 2), min(h, int(rows.max()) // s + 3)
         lx0, lx1 = max(0, int(cols.min()) // s - 2), min(w, int(cols.max()) // s + 3)
-        up = resize_bicubic(self.image[..., ly0:ly1, lx0:lx1], ((ly1 - ly0) * s, (lx1 - lx0) * s))
+        up = self.image[..., ly0:ly1, lx0:lx1]
+        if s != 1:
+            up = resize_bicubic(up, ((ly1 - ly0) * s, (lx1 - lx0) * s))
         up = up.index_select(-2, (rows - ly0 * s).to(up.device))
         return up.index_select(-1, (cols - lx0 * s).to(up.device))
 
 
 def plan_for(upscaler: Upscaler, latent_hw: tuple[int, int], settings: UpscaleSettings) -> tuple[list[Tile], int]:
-    """Latent tiles (and overlap in latent pixels) for the settings' tile size in output pixels."""
+    """The transformer's latent tiles and their overlap in latent pixels (UpscaleSettings.transformer_tile)."""
     h, w = latent_hw
-    if settings.tile is None:
+    tile_px, overlap_px = settings.transformer_tile(upscaler.sampling)
+    if tile_px is None:
         return [Tile(0, 0, h, w)], 0
     s, p = upscaler.codec.scale, upscaler.dit.cfg.patch
-    tile = max(p, settings.tile // s)
-    overlap = min(max(0, settings.tile_overlap // s), tile - p)
+    tile = max(p, tile_px // s)
+    overlap = min(max(0, overlap_px // s), tile - p)
     return plan_tiles(h, w, tile, overlap, multiple=p), overlap
 
 
@@ -272,9 +295,9 @@ def upscale_into(upscaler: Upscaler, image: torch.Tensor, canvas: Canvas,
     latent_hw = (padded_hw[0] // codec.scale, padded_hw[1] // codec.scale)
     reference = Reference(image.to(device), settings.scale, padded_hw)
     codec_tile = max(1, min(settings.tile or CODEC_TILE, CODEC_TILE) // codec.scale)
-    condition = _condition(codec, reference, latent_hw, codec_tile, dtype)
+    condition = _condition(codec, reference, latent_hw, codec_tile, dtype, encodes_lr(codec, settings))
 
-    sigmas = settings.sigmas(upscaler.end_ratio)
+    sigmas = settings.sigmas(upscaler.sampling)
     tiles, overlap = plan_for(upscaler, latent_hw, settings)
     total, done = settings.model_calls * len(tiles), 0
     batch, channels = image.shape[0], upscaler.dit.cfg.in_channels
@@ -322,10 +345,25 @@ def upscale_into(upscaler: Upscaler, image: torch.Tensor, canvas: Canvas,
     _paint(canvas, pixels, reference if settings.color_fix == "adain" else None)
 
 
+def encodes_lr(codec: Codec, settings: UpscaleSettings) -> bool:
+    """Whether the condition comes from the LR image itself (the codec's LR head) rather than its upscale."""
+    has_head = getattr(codec, "lr_scale", None) == settings.scale
+    if settings.condition == "lr" and not has_head:
+        raise ValueError(f"condition 'lr' needs a codec with an LR head for x{settings.scale}; {codec.name} has "
+                         f"{'one for x' + str(codec.lr_scale) if getattr(codec, 'lr_scale', None) else 'none'} "
+                         "(use condition 'upscaled' or 'auto')")
+    return has_head and settings.condition != "upscaled"
+
+
 def _condition(codec: Codec, reference: Reference, latent_hw: tuple[int, int], tile: int,
-               dtype: torch.dtype) -> Callable[[Tile], torch.Tensor]:
-    """The LR condition latent per window: encoded on demand for local codecs, else once, tile by tile."""
+               dtype: torch.dtype, from_lr: bool) -> Callable[[Tile], torch.Tensor]:
+    """The condition latent per window: from the LR through the codec's LR head (`from_lr`), encoded on
+    demand for local codecs, else once, tile by tile."""
     s = codec.scale
+    if from_lr:   # the LR, mirrored past its edges as the upscale is (its padded size is the latent's x 2)
+        lr = Reference(reference.image, 1, (latent_hw[0] * s // reference.scale, latent_hw[1] * s // reference.scale))
+        whole = codec.encode_lr_tiled(lr.window, latent_hw, tile).to(dtype)
+        return lambda t: whole[..., t.y0:t.y0 + t.h, t.x0:t.x0 + t.w]
     if is_local(codec):
         return lambda t: codec.encode(reference.window(t.y0 * s, (t.y0 + t.h) * s, t.x0 * s,
                                                        (t.x0 + t.w) * s)).to(dtype)
