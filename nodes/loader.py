@@ -14,7 +14,7 @@ from comfy.model_patcher import ModelPatcher
 
 from ..teasr_core.codecs.build import codec_from_config
 from ..teasr_core.formats.load import BUNDLED_CHECKPOINT, TEASRCheckpoint, bundled_checkpoint_path, load_checkpoint
-from ..teasr_core.upscale.pipeline import default_codec_dtype
+from ..teasr_core.upscale.pipeline import default_codec_dtype, default_dtype
 from .common import CATEGORY, SEARCH_ALIASES, TEASR_MODEL, schema
 from .model import ComfyVAECodec, TEASRModel
 
@@ -47,8 +47,11 @@ def checkpoint_path(choice: str) -> Path:
 
 
 def compute_dtype(choice: str, device: torch.device) -> torch.dtype:
+    """The transformer's dtype: the choice; auto = ComfyUI's pick for GPUs, the library's (as the CLI) for CPUs."""
     if choice != "auto":
         return DTYPES[choice]
+    if device.type == "cpu":
+        return default_dtype(device)
     if mm.should_use_bf16(device):
         return torch.bfloat16
     if mm.should_use_fp16(device):

@@ -100,17 +100,18 @@ def test_fp16_file_is_half_the_size_and_loads_within_fp16_tolerance(tmp_path):
     upcast = load_checkpoint(half, dtype=torch.float32).dit
     assert_close_rel(run(upcast), run(dit), 5e-3)
     # The upscaler computes in the device's dtype, not the file's: fp16 matmuls are slow on CPUs.
-    assert Upscaler.from_checkpoint(half).dit.compute_dtype == torch.float32
+    assert Upscaler.from_checkpoint(half).dit.compute_dtype == default_dtype("cpu")
     assert Upscaler.from_checkpoint(half, dtype=torch.bfloat16).dit.compute_dtype == torch.bfloat16
-    assert default_dtype("cuda:0") == torch.bfloat16 and default_dtype(torch.device("cpu")) == torch.float32
+    assert default_dtype("cuda:0") == torch.bfloat16
+    assert default_dtype(torch.device("cpu")) == (torch.bfloat16 if native_bf16("cpu") else torch.float32)
 
 
 def test_precision_per_stage_codec_in_bf16_where_native():
-    """auto: the transformer in default_dtype, the codec in bf16 only where bf16 is native; an explicit dtype: both."""
+    """auto: the transformer and the codec in bf16 only where bf16 is native; an explicit dtype: both."""
     assert default_codec_dtype("cuda:0") == torch.bfloat16
     assert default_codec_dtype("cpu") == (torch.bfloat16 if native_bf16("cpu") else torch.float32)
     auto = Upscaler.from_checkpoint()
-    assert (auto.dit.compute_dtype, auto.codec.dtype) == (torch.float32, default_codec_dtype("cpu"))
+    assert auto.dit.compute_dtype == default_dtype("cpu") and auto.codec.dtype == default_codec_dtype("cpu")
     fp32 = Upscaler.from_checkpoint(dtype=torch.float32)
     assert (fp32.dit.compute_dtype, fp32.codec.dtype) == (torch.float32, torch.float32)
     mixed = Upscaler.from_checkpoint(dtype=torch.float32, codec_dtype=torch.bfloat16)

@@ -137,7 +137,8 @@ def test_model_folder_is_registered_once_with_safetensors_only(pack, teasr_dir):
 def test_loader_wraps_the_model_for_comfy_memory_management(pack, tiny):
     from comfy.model_patcher import ModelPatcher
     assert isinstance(tiny.patcher, ModelPatcher)
-    assert tiny.patcher.load_device.type == "cpu" and tiny.dit.compute_dtype == torch.float32  # auto on CPU
+    from teasr_pack.teasr_core.upscale.pipeline import default_dtype
+    assert tiny.patcher.load_device.type == "cpu" and tiny.dit.compute_dtype == default_dtype("cpu")  # auto: as the CLI
     assert tiny.patcher.model_size() > 0 and tiny.name == "tiny"
 
 
@@ -336,7 +337,8 @@ def test_cpu_memory_estimate_matches_the_documented_formula(pack, tiny):
     tiny.load((64, 64))
     cfg = tiny.dit.cfg
     tokens = 2 * (64 // 8) * (64 // 8) + cfg.null_context_tokens   # pixel scale 4 x patch 2 = 8 px per token
-    assert tiny.window_bytes(64, 64) == int(4 * cfg.width * (16 + 3 * cfg.mlp_ratio) * tokens)
+    element = tiny.dit.compute_dtype.itemsize   # 4 (fp32), or 2 where bf16 is native (auto)
+    assert tiny.window_bytes(64, 64) == int(element * cfg.width * (16 + 3 * cfg.mlp_ratio) * tokens)
 
 
 def test_cuda_cost_is_fitted_from_two_probe_forwards(pack, tiny, monkeypatch):

@@ -140,7 +140,8 @@ def cli_output(trained):
     out = trained["root"] / "x4.png"
     assert cli(["upscale", str(trained["root"] / "lr.png"), str(out), "--checkpoint", str(trained["checkpoint"]),
                 "--base", str(trained["base"]), "--vae", str(trained["diffusers_vae"]),
-                "--text-features", str(trained["context"]), "--steps", "2", "--start-strength", "1"]) == 0
+                "--text-features", str(trained["context"]), "--steps", "2", "--start-strength", "1",
+                "--dtype", "fp32"]) == 0   # as the Loader below (auto is bf16 on CPUs with native bf16)
     return lr, np.asarray(Image.open(out), dtype=np.float32)
 
 

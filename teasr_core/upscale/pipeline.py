@@ -135,10 +135,14 @@ def native_bf16(device) -> bool:
 
 
 def default_dtype(device) -> torch.dtype:
-    """The transformer's: bf16 on CUDA; fp32 elsewhere: CPUs without native half-precision matmuls run
-    fp16/bf16 2-45x slower (the bundled file stores fp16: computing in it made its transformer 2.6x
-    slower here), and on CPUs with native bf16 the small transformer was no faster in it."""
-    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    """The transformer's: bf16 where it runs natively (`native_bf16`: CUDA, AVX-512 BF16 / AMX CPUs), else fp32.
+
+    Why: on CPUs without native half-precision matmuls fp16/bf16 run 2-45x slower (the bundled file
+    stores fp16: computing in it made its transformer 2.6x slower on an AVX2 CPU). Where bf16 is native,
+    the transformer in 384-px attention windows is 1.25x faster in it at 4 steps, LPIPS within 0.001 of
+    fp32 (BENCHMARKS.md, "Precision per stage").
+    """
+    return torch.bfloat16 if native_bf16(device) else torch.float32
 
 
 def default_codec_dtype(device) -> torch.dtype:
