@@ -8,10 +8,11 @@ The process is set up as the command line sets up its own (`--allocator reuse`, 
 teasr_core/upscale/process.py), the model in the command line's precision (`--dtype auto`: per stage).
 `--compare-allocator` times both allocator settings in alternating child processes of this one
 run and prints their ratio. `--compare realesrgan` times Real-ESRGAN x4plus (the eval's own
-implementation, bf16 where the CPU runs it natively, else fp32) on the same image, interleaved
+implementation, in --dtype; auto: bf16 where the CPU runs it natively, else fp32) on the same image, interleaved
 with the model's runs in this process, and prints each step count's time as a share of its.
 `--previous` also times each step count with the defaults before 2026-12-03 (the transformer over the
-whole image, the condition encoded from the bicubic upscale), interleaved, and prints the speed-up.
+whole image and in fp32 on CPUs, the condition encoded from the bicubic upscale), interleaved, and prints
+the speed-up.
 """
 from __future__ import annotations
 
@@ -104,14 +105,16 @@ def main():
     others = {}
     if args.compare == "realesrgan":
         from teasr_core.eval.baselines import load_realesrgan, realesrgan_upscale
-        esrgan_dtype = torch.bfloat16 if native_bf16(args.device) else torch.float32
+        esrgan_dtype = dtype or (torch.bfloat16 if native_bf16(args.device) else torch.float32)   # as the model
         esrgan = load_realesrgan(args.device, esrgan_dtype)
         others[f"Real-ESRGAN x4plus ({str(esrgan_dtype)[6:]})"] = lambda image: realesrgan_upscale(esrgan, image)
     steps = [int(s) for s in args.steps.split(",")]
-    if args.previous:
+    if args.previous:   # the defaults until 2026-12-03: whole-image attention, encoded upscale, transformer fp32 on CPUs
+        before = Upscaler.from_checkpoint(args.checkpoint, device=args.device, dtype=dtype or (
+            None if args.device.startswith("cuda") else torch.float32), codec_dtype=upscaler.codec.dtype)
         for n in steps:
             previous = UpscaleSettings(steps=n, attention_tile=0, condition="upscaled")
-            others[f"steps={n:2d}, previous defaults"] = lambda image, s=previous: upscale(upscaler, image, s)
+            others[f"steps={n:2d}, previous defaults"] = lambda image, s=previous: upscale(before, image, s)
     where = torch.cuda.get_device_name() if args.device.startswith("cuda") else \
         f"{cpu_name()} CPU ({'native bf16' if native_bf16('cpu') else 'no native bf16'}), {torch.get_num_threads()} threads"
     results = time_upscale(upscaler, args.size, steps, args.repeats, others)
