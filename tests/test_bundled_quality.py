@@ -4,9 +4,9 @@ Six pairs spread over the two shared real-world halves (RealSR, DRealSR; every 1
 README's main path (`pipeline.upscale` with the CLI's defaults), scored as `python -m teasr_core eval`
 scores (8-bit output, LPIPS-Alex, DISTS, PSNR-Y). A model that turns photos into noise, or only
 reproduces the bicubic upscale, fails here: LPIPS must be clearly below bicubic's at 1 and 4 steps, with
-PSNR-Y at most 2.5 dB lower; 4 steps (on the model's own grid, end ratio 0.85) within 0.01 LPIPS of 1
-step; and the 1-step result's DISTS below bicubic's. The 4-step DISTS is reported by the model card, not
-guarded: it is below bicubic's on both shared halves but 0.005 above on these six pairs.
+PSNR-Y at most 1.5 dB lower; 4 steps (on the model's own grid, end ratio 0.85) within 0.01 LPIPS of 1
+step; and DISTS below bicubic's at both. The defaults come from the file (its attention window) and the
+codec (the LR head), so a change to either is held to this too.
 """
 from __future__ import annotations
 
@@ -20,10 +20,11 @@ from teasr_core.eval.metrics import evaluate_pair, load_metrics
 from teasr_core.upscale.imageio import read_image
 from teasr_core.upscale.pipeline import Upscaler, UpscaleSettings, upscale
 
-# How far below bicubic's LPIPS the model must be on these six pairs: "clearly". Measured 2026-11-30 (fp32,
-# this CPU): 1 step 0.302, 4 steps 0.308, bicubic 0.388; PSNR-Y 26.61 / 26.11 / 28.10 dB.
-LPIPS_MARGIN = {"1 step": 0.03, "4 steps": 0.03}
-PSNR_DROP = 2.5       # dB below bicubic at most
+# How far below bicubic's LPIPS the model must be on these six pairs: "clearly". Measured 2026-12-03 (auto
+# precision on an AVX-512 BF16 CPU): 1 step 0.280, 4 steps 0.282, bicubic 0.388; PSNR-Y 27.38 / 27.14 /
+# 28.10 dB; DISTS 0.238 / 0.241 / 0.248 (2026-11-30, the defaults before: 0.302 / 0.308 LPIPS, 26.61 / 26.11 dB).
+LPIPS_MARGIN = {"1 step": 0.07, "4 steps": 0.07}
+PSNR_DROP = 1.5       # dB below bicubic at most
 STEPS_LPIPS_SLACK = 0.01  # 4 steps may trail 1 step by this much LPIPS (issue 9's bar)
 
 
@@ -58,8 +59,7 @@ def test_bundled_model_is_clearly_more_perceptual_than_bicubic(scores, steps):
 def test_bundled_model_keeps_bicubic_fidelity(scores, steps):
     bicubic, model = scores["bicubic"], scores[steps]
     assert model["psnr"] >= bicubic["psnr"] - PSNR_DROP, (steps, model, bicubic)
-    if steps == "1 step":
-        assert model["dists"] < bicubic["dists"], (model, bicubic)
+    assert model["dists"] < bicubic["dists"], (steps, model, bicubic)
 
 
 def test_more_steps_do_not_lose_to_one_step(scores):
