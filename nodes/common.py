@@ -180,7 +180,8 @@ def upscale_images(model: TEASRModel, image: torch.Tensor, settings: UpscaleSett
     """
     rgb, alpha, color_channels = split_channels(image)
     out_hw = (rgb.shape[-2] * settings.scale, rgb.shape[-1] * settings.scale)
-    upscaler = model.load((settings.tile, settings.tile) if settings.tile else out_hw)
+    window = settings.transformer_tile(model.sampling)[0]   # the transformer's window: the attention tile or the tile
+    upscaler = model.load((min(window, out_hw[0]), min(window, out_hw[1])) if window else out_hw)
     per_image = count_model_calls(upscaler, tuple(rgb.shape[-2:]), settings)
     total = per_image * rgb.shape[0]
     bar = comfy.utils.ProgressBar(total)
