@@ -140,7 +140,7 @@ def default_dtype(device) -> torch.dtype:
     Why: on CPUs without native half-precision matmuls fp16/bf16 run 2-45x slower (the bundled file
     stores fp16: computing in it made its transformer 2.6x slower on an AVX2 CPU). Where bf16 is native,
     the transformer in 384-px attention windows is 1.25x faster in it at 4 steps, LPIPS within 0.001 of
-    fp32 (BENCHMARKS.md, "Precision per stage").
+    fp32 (BENCHMARKS.md, "The default upscale in under half of Real-ESRGAN's time").
     """
     return torch.bfloat16 if native_bf16(device) else torch.float32
 
