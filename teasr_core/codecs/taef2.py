@@ -232,13 +232,13 @@ class TAEF2Codec:
         """[B, 3, H, W] in [0, 1] (H, W multiples of 8) -> normalised latent [B, 32, H/8, W/8]."""
         check_image(image, self.scale)
         raw = self.encoder(self._input(image))
-        return ((raw - self.latent_mean) / self.latent_std).contiguous()
+        return self._normalised(raw)
 
     def encode_lr(self, lr: torch.Tensor) -> torch.Tensor:
         """LR [B, 3, h, w] in [0, 1] (h, w even) -> about `encode` of its x4 bicubic upscale, [B, 32, h/2, w/2]."""
         check_image(lr, self.scale // LR_SCALE)
         raw = self.encoder[LR_HEAD_REPLACES:](self._lr_head()(self._input(lr)))
-        return ((raw - self.latent_mean) / self.latent_std).contiguous()
+        return self._normalised(raw)
 
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
         """Normalised latent [B, 32, h, w] -> image [B, 3, 8h, 8w] clamped to [0, 1].
@@ -272,7 +272,7 @@ class TAEF2Codec:
             latent_hw, tile, self.tile_margin, 0, 1)).to(self.dtype)   # tiles are blended in float32
         with self._global_norms(list(tail[:3]), nn.Identity(), features, tile):
             raw = gather(tiled_map(lambda t: tail(_window(features, t)), latent_hw, tile, self.tile_margin, 0, 1))
-        return ((raw - self.latent_mean) / self.latent_std).contiguous()
+        return self._normalised(raw)
 
     def decode_tiled(self, latent: torch.Tensor, tile: int) -> Iterator[Rows]:
         """Rows of `decode(latent)`, decoded tile by tile (tile in latent px) with whole-image norm statistics."""
@@ -290,6 +290,9 @@ class TAEF2Codec:
 
     def _input(self, image: torch.Tensor) -> torch.Tensor:
         return image.to(self.device, self.dtype, memory_format=torch.channels_last)
+
+    def _normalised(self, raw: torch.Tensor) -> torch.Tensor:
+        return ((raw - self.latent_mean) / self.latent_std).contiguous()
 
     def _raw(self, latent: torch.Tensor) -> torch.Tensor:
         if latent.ndim != 4 or latent.shape[1] != self.channels:

@@ -367,12 +367,12 @@ def _condition(codec: Codec, reference: Reference, latent_hw: tuple[int, int], t
     if from_lr:   # the LR, mirrored past its edges as the upscale is (its padded size is the latent's x 2)
         lr = Reference(reference.image, 1, (latent_hw[0] * s // reference.scale, latent_hw[1] * s // reference.scale))
         whole = codec.encode_lr_tiled(lr.window, latent_hw, tile).to(dtype)
-        return lambda t: whole[..., t.y0:t.y0 + t.h, t.x0:t.x0 + t.w]
-    if is_local(codec):
+    elif is_local(codec):
         return lambda t: codec.encode(reference.window(t.y0 * s, (t.y0 + t.h) * s, t.x0 * s,
                                                        (t.x0 + t.w) * s)).to(dtype)
-    encode = getattr(codec, "encode_tiled", None) or (lambda *args: tiled_encode(codec, *args))
-    whole = encode(reference.window, latent_hw, tile).to(dtype)
+    else:
+        encode = getattr(codec, "encode_tiled", None) or (lambda *args: tiled_encode(codec, *args))
+        whole = encode(reference.window, latent_hw, tile).to(dtype)
     return lambda t: whole[..., t.y0:t.y0 + t.h, t.x0:t.x0 + t.w]
 
 
