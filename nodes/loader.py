@@ -65,7 +65,7 @@ def codec_for(ckpt: TEASRCheckpoint, vae, device: torch.device, name: str, dtype
     if kind in SELF_CONTAINED_CODECS:
         if vae is not None:
             log.warning("TEASR: %s carries its own %r codec; the connected VAE is not used", name, kind)
-        return codec_from_config(ckpt.codec, device=device, dtype=dtype)
+        return codec_from_config(ckpt.codec, device=device, dtype=dtype, tensors=ckpt.codec_tensors)
     if vae is None:
         raise ValueError(f"{name} works in the latent space of an external VAE "
                          f"({ckpt.codec.get('vae') or kind!r}): connect that VAE (e.g. Load VAE) to the vae input "

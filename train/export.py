@@ -47,7 +47,7 @@ def main(argv=None) -> None:
     except ValueError as e:
         raise SystemExit(f"unusable sampling settings {sampling}: {e}") from None
     save_checkpoint(args.out, loaded.dit, loaded.codec, preset=loaded.meta.get("preset"), training=training,
-                    sampling=sampling, dtype=DTYPES[args.dtype])
+                    sampling=sampling, dtype=DTYPES[args.dtype], codec_tensors=loaded.codec_tensors)
     print(f"wrote {args.out} ({args.out.stat().st_size / 1e6:.1f} MB, {args.dtype})")
 
 

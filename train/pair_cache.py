@@ -88,7 +88,7 @@ def build(settings: dict, out: Path, pairs: int, log=print) -> list[Path]:
     return paths
 
 
-def _cache_shards(folder: Path, shards: int) -> tuple[dict, list[Path]]:
+def cache_shards(folder: Path, shards: int) -> tuple[dict, list[Path]]:
     meta_path = folder / "cache.json"
     if not meta_path.is_file():
         raise FileNotFoundError(f"{folder} is not a pair cache (no cache.json); make one with "
@@ -109,7 +109,7 @@ class CachedPairs:
 
     def __init__(self, folders: str | Path | list, *, batch_size: int, seed: int = 0, device="cpu", shards: int = 0):
         folders = [Path(f) for f in (folders if isinstance(folders, list) else [folders])]
-        found = [_cache_shards(folder, shards) for folder in folders]
+        found = [cache_shards(folder, shards) for folder in folders]
         self.meta = found[0][0]
         for folder, (meta, _) in zip(folders[1:], found[1:]):
             if any(meta.get(k) != self.meta.get(k) for k in ("crop", "scale", "codec_config")):

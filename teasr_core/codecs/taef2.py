@@ -169,19 +169,24 @@ def default_weights_dir() -> Path:
 
 def load_strict(net: nn.Module, path: Path) -> None:
     """Load a safetensors file into `net`, naming any missing / unexpected keys; fp16 -> fp32 on CPU."""
-    state = {k: v.float() for k, v in load_file(str(path), device="cpu").items()}
+    load_state(net, load_file(str(path), device="cpu"), str(path))
+
+
+def load_state(net: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load tensors into `net` as float32, or ValueError naming the missing / unexpected keys of `source`."""
     expected = set(net.state_dict())
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:
-        raise ValueError(f"{path} does not match the TAEF2 layout: missing keys {missing}, "
+        raise ValueError(f"{source} does not match the TAEF2 layout: missing keys {missing}, "
                          f"unexpected keys {unexpected}")
-    net.load_state_dict(state, strict=True)
+    net.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
 
 
 class TAEF2Codec:
     """Frozen TAEF2 encoder/decoder with per-channel latent normalisation (see `Codec` in codec.py).
 
-    With the LR head in the weights folder, `encode_lr` gives the condition of a x4 upscale from the
+    `decoder_state`: a decoder fine-tuned for one model (train/decoder_finetune.py), which its
+    checkpoint carries; TAEF2's own otherwise. With the LR head in the weights folder, `encode_lr` gives the condition of a x4 upscale from the
     LR image itself (see make_lr_head); `lr_scale` is then 4, else None.
 
     Inputs are moved to the codec's device and dtype; latents and images come out on that device in
@@ -198,7 +203,8 @@ class TAEF2Codec:
     tile_margin, tile_overlap = TILE_MARGIN, 0
 
     def __init__(self, weights_dir: str | Path | None = None, device: str | torch.device = "cpu",
-                 dtype: torch.dtype = torch.float32, latent_mean=None, latent_std=None):
+                 dtype: torch.dtype = torch.float32, latent_mean=None, latent_std=None,
+                 decoder_state: dict[str, torch.Tensor] | None = None):
         weights_dir = Path(weights_dir) if weights_dir is not None else default_weights_dir()
         paths = [weights_dir / f for f in WEIGHT_FILES]
         absent = [p.name for p in paths if not p.is_file()]
@@ -211,7 +217,10 @@ class TAEF2Codec:
         self.device, self.dtype = torch.device(device), dtype
         self.encoder, self.decoder = make_encoder(self.channels), make_decoder(self.channels)
         for net, path in zip((self.encoder, self.decoder), paths):
-            load_strict(net, path)
+            if net is self.decoder and decoder_state is not None:   # a model's own fine-tuned decoder
+                load_state(net, decoder_state, "the checkpoint's decoder (codec.decoder.*)")
+            else:
+                load_strict(net, path)
             net.requires_grad_(False).eval().to(self.device, dtype, memory_format=torch.channels_last)
             if dtype != torch.float32:
                 net[-1] = Float32Conv(net[-1])

@@ -7,6 +7,9 @@ config: format_version, kind, preset, dit (DiTConfig.to_dict()), codec, lora_ran
 training, sampling (the settings the model is best sampled with, e.g. {"end_ratio": 0.85}; optional), plus `lora_alphas`, {layer: [alpha_noise, alpha_cond]} for every layer with a LoRA,
 because `merge_lora` leaves layers whose ranks and alphas differ from the config's.
 
+A model may carry codec tensors of its own under `codec.` (today: a TAEF2 decoder fine-tuned on its
+samples, `codec.decoder.*`, with codec["decoder"] = "checkpoint"), so the file stays one download.
+
 Reading it back is load.py's job.
 """
 from __future__ import annotations
@@ -19,12 +22,14 @@ import safetensors.torch
 import torch
 
 from .. import __version__
+from ..codecs.build import OWN_DECODER
 from ..network.lora import dual_lora_layers
 from ..network.model import DiTConfig, DualBranchDiT
 from .layout import castable, is_delta_key
 
 FORMAT_VERSION = 1
 METADATA_KEY = "teasr"
+CODEC_PREFIX = "codec."
 
 
 def _check_codec(codec: dict, cfg: DiTConfig) -> None:
@@ -77,8 +82,11 @@ def _atomic_save(tensors: dict, path: Path, metadata: dict) -> None:
 
 def save_checkpoint(path, dit: DualBranchDiT, codec: dict, *, preset: str | None = None,
                     training: dict | None = None, sampling: dict | None = None, lora_only: bool = False,
-                    dtype: torch.dtype | None = None) -> Path:
+                    dtype: torch.dtype | None = None, codec_tensors: dict | None = None) -> Path:
     """Write a TEASR checkpoint atomically; `dtype` (e.g. float16) shrinks the file.
+
+    `codec_tensors` (names without the `codec.` prefix): the model's own codec weights, which its
+    codec config must name (codec["decoder"] = "checkpoint" for a TAEF2 decoder).
 
 
     `lora_only` writes the delta, which is only valid on the exact base weights it was trained on:
@@ -90,7 +98,12 @@ def save_checkpoint(path, dit: DualBranchDiT, codec: dict, *, preset: str | None
     layer_alphas = {name: list(layer.alphas) for name, layer in dual_lora_layers(dit) if any(layer.ranks)}
     meta = checkpoint_metadata(dit.cfg, codec, kind="lora" if lora_only else "full", preset=preset,
                                layer_alphas=layer_alphas, training=training, sampling=sampling)
-    return write_checkpoint(path, _file_tensors(state, dtype), meta)
+    if bool(codec_tensors) != (codec.get("decoder") == OWN_DECODER):
+        raise ValueError(f"codec tensors and codec config disagree: {len(codec_tensors or {})} tensors, config "
+                         f"decoder {codec.get('decoder')!r} (a model's own decoder needs both)")
+    tensors = _file_tensors(state, dtype)
+    tensors.update({CODEC_PREFIX + k: v for k, v in _file_tensors(codec_tensors or {}, dtype).items()})
+    return write_checkpoint(path, tensors, meta)
 
 
 

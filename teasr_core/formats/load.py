@@ -7,7 +7,7 @@ The file format itself is described in checkpoint.py.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -16,7 +16,7 @@ from .. import __version__
 from ..network.model import DiTConfig, DualBranchDiT
 from ..safetensors_io import CheckpointError, check_names, header_shapes, read_header, read_tensors, tensor_shapes
 from ..sampling import ModelSampling
-from .checkpoint import FORMAT_VERSION, METADATA_KEY
+from .checkpoint import CODEC_PREFIX, FORMAT_VERSION, METADATA_KEY
 from .dual_lora import convert_dual_lora, is_dual_lora_file
 from .layout import castable, describe_config, finish_loading, fit_fp8_slots, fit_lora, is_delta_key, is_lora_key, meta_model
 from .qwen_image import comfy_prefix, load_qwen_image_base, looks_like_qwen_base
@@ -29,6 +29,7 @@ class TEASRCheckpoint:
     dit: DualBranchDiT
     codec: dict
     meta: dict
+    codec_tensors: dict = field(default_factory=dict)   # the model's own codec weights (without "codec.")
 
     @property
     def name(self) -> str:
@@ -85,10 +86,19 @@ def _config(path: Path, meta: dict) -> DiTConfig:
                               "was it written by a newer TEASR?") from None
 
 
-def _load_full(path: Path, meta: dict, device) -> DualBranchDiT:
+def split_codec_tensors(tensors: dict) -> dict:
+    """Take the `codec.` tensors out of a checkpoint's tensors (in place); returns them without the prefix."""
+    names = [k for k in tensors if k.startswith(CODEC_PREFIX)]
+    return {k[len(CODEC_PREFIX):]: tensors.pop(k) for k in names}
+
+
+def _load_full(path: Path, meta: dict, device, codec_tensors: dict | None = None) -> DualBranchDiT:
     cfg = _config(path, meta)
     dit = meta_model(cfg)
     tensors = read_tensors(path, device)
+    found = split_codec_tensors(tensors)
+    if codec_tensors is not None:
+        codec_tensors.update(found)
     fit_fp8_slots(dit, tensors)
     fit_lora(dit, tensors, meta.get("lora_alphas", {}))
     check_names(path, tensor_shapes(dit.state_dict()), tensor_shapes(tensors),
@@ -142,8 +152,9 @@ def load_checkpoint(path, *, device="cpu", dtype: torch.dtype | None = None, fp8
     path = Path(path)
     dual_lora = is_dual_lora_file(path)
     meta = None if dual_lora else read_metadata(path)
+    codec_tensors: dict = {}
     if meta is not None and meta["kind"] == "full":
-        dit = _load_full(path, meta, device)
+        dit = _load_full(path, meta, device, codec_tensors)
     else:
         if base is None:
             raise CheckpointError(f"{path} is a {'dual-LoRA file' if dual_lora else 'TEASR LoRA checkpoint'} (only "
@@ -154,9 +165,11 @@ def load_checkpoint(path, *, device="cpu", dtype: torch.dtype | None = None, fp8
             tensors = {k: v.to(device) for k, v in tensors.items()}
         else:
             tensors = read_tensors(path, device)
+            codec_tensors = split_codec_tensors(tensors)
         dit = _load_base(Path(base), _config(path, meta), device)
         _apply_delta(dit, path, meta, tensors)
-    return TEASRCheckpoint(dit=finish_loading(dit, dtype, fp8), codec=meta.get("codec", {}), meta=meta)
+    return TEASRCheckpoint(dit=finish_loading(dit, dtype, fp8), codec=meta.get("codec", {}), meta=meta,
+                           codec_tensors={k: v.to("cpu") for k, v in codec_tensors.items()})
 
 
 def bundled_checkpoint_path() -> Path:
