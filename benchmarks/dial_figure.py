@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,12 +22,13 @@ import torch
 from PIL import Image, ImageDraw
 from safetensors.torch import load_file
 
-from teasr_core.eval import weights
-from teasr_core.eval.evaluate import baseline_methods, quantise_8bit
-from teasr_core.eval.metrics import NIQE_WEIGHTS
-from teasr_core.eval.niqe import niqe
-from teasr_core.upscale.imageio import read_image
-from teasr_core.upscale.pipeline import Upscaler, UpscaleSettings, upscale
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from teasr_core.eval import weights  # noqa: E402
+from teasr_core.eval.evaluate import baseline_methods, quantise_8bit  # noqa: E402
+from teasr_core.eval.metrics import NIQE_WEIGHTS  # noqa: E402
+from teasr_core.eval.niqe import niqe  # noqa: E402
+from teasr_core.upscale.imageio import read_image  # noqa: E402
+from teasr_core.upscale.pipeline import Upscaler, UpscaleSettings, upscale  # noqa: E402
 
 LABEL_HEIGHT = 28   # two lines of PIL's default font: method, NIQE
 

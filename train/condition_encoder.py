@@ -14,9 +14,6 @@ variance per channel), so the printed number reads as a share of the latent's va
 from __future__ import annotations
 
 import argparse
-import json
-import math
-import time
 from pathlib import Path
 
 import torch
@@ -25,8 +22,8 @@ from safetensors.torch import save_file
 from teasr_core.codecs.taef2 import LR_SCALE, TAEF2Codec, make_lr_head
 from teasr_core.upscale.pipeline import native_bf16
 
+from .codec_run import CodecRun, hold_out
 from .pair_cache import CachedPairs
-from .state import latest_state, load_state, rng_state, save_state, set_rng_state
 
 
 def trainable_codec() -> TAEF2Codec:
@@ -37,9 +34,8 @@ def trainable_codec() -> TAEF2Codec:
 
 
 def split(pairs: CachedPairs, val: int) -> dict[str, torch.Tensor]:
-    """Take the last `val` pairs out of the training pool: they are the validation set."""
-    held = {k: t[-val:] for k, t in pairs.tensors.items()}
-    pairs.tensors = {k: t[:-val] for k, t in pairs.tensors.items()}
+    """The last `val` pairs, taken out of the training pool, as LR images and condition latents."""
+    held = hold_out(pairs, val)
     return {"lr": held["lr"].float() / 255, "cond": held["cond"].float()}
 
 
@@ -78,55 +74,31 @@ def main(argv=None) -> None:
     autocast = args.precision == "bf16" or (args.precision == "auto" and native_bf16("cpu"))
 
     codec = trainable_codec()
-    optimizer = torch.optim.AdamW(codec.lr_head.parameters(), lr=args.lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(step, args.steps) / args.steps)))
     pairs = CachedPairs(args.pairs, batch_size=args.batch, seed=args.seed)
     held = split(pairs, args.val)
-    step = 0
+    run = CodecRun(args.out, "head", codec.lr_head, pairs, lr=args.lr, steps=args.steps)
     if args.resume or args.export:
-        found = latest_state(args.out)
-        if found is None:
-            raise SystemExit(f"no training state in {args.out} to {'export' if args.export else 'resume'}")
-        state = load_state(found)
-        codec.lr_head.load_state_dict(state["head"])
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        pairs.load_state_dict(state["data"])
-        set_rng_state(state["rng"])
-        step = state["step"]
+        run.restore("export" if args.export else "resume")
     if args.export:
         args.export.parent.mkdir(parents=True, exist_ok=True)
         save_file({k: v.half().contiguous() for k, v in codec.lr_head.state_dict().items()}, str(args.export),
                   metadata={"what": "TEASR LR head for TAEF2 (teasr_core.codecs.taef2.make_lr_head), x4",
-                            "trained_steps": str(step), "val_mse": f"{validate(codec, held, False):.5f}"})
-        print(f"wrote {args.export} (step {step})")
+                            "trained_steps": str(run.step), "val_mse": f"{validate(codec, held, False):.5f}"})
+        print(f"wrote {args.export} (step {run.step})")
         return
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    log = (args.out / "log.jsonl").open("a")
-    t0 = time.perf_counter()
     last = min(args.steps, args.stop_at or args.steps)
-    while step < last:
+    while run.step < last:
         batch = next(pairs)
         with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
             out = codec.encode_lr(batch["lr"])
         loss = (out - batch["cond"]).square().mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        step += 1
-        if step % args.log_every == 0 or step == last:
-            record = {"step": step, "loss": round(loss.item(), 5), "val_mse": round(validate(codec, held, autocast), 5),
-                      "lr": schedule.get_last_lr()[0], "s_per_step": round((time.perf_counter() - t0) / args.log_every, 3)}
-            print(json.dumps(record), flush=True)
-            log.write(json.dumps(record) + "\n")
-            log.flush()
-            t0 = time.perf_counter()
-        if step % args.save_every == 0 or step == last:
-            save_state(args.out, step, {"step": step, "head": codec.lr_head.state_dict(), "optimizer": optimizer.state_dict(),
-                                        "schedule": schedule.state_dict(), "data": pairs.state_dict(), "rng": rng_state()})
+        run.update(loss)
+        if run.step % args.log_every == 0 or run.step == last:
+            run.record({"loss": round(loss.item(), 5), "val_mse": round(validate(codec, held, autocast), 5)},
+                       args.log_every)
+        if run.step % args.save_every == 0 or run.step == last:
+            run.save()
 
 
 if __name__ == "__main__":

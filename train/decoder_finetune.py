@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 
@@ -30,16 +29,17 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
+from teasr_core.codecs.build import OWN_DECODER
 from teasr_core.codecs.taef2 import LATENT_MEAN, LATENT_STD, WEIGHT_FILES, default_weights_dir, load_strict, make_decoder
 from teasr_core.eval.metrics import LPIPS
-from teasr_core.codecs.build import OWN_DECODER
 from teasr_core.formats.checkpoint import save_checkpoint
 from teasr_core.formats.load import bundled_checkpoint_path, load_checkpoint
 from teasr_core.sampling import sample, shifted_sigmas
 from teasr_core.upscale.pipeline import Upscaler, native_bf16
 
+from .codec_run import CodecRun, hold_out
 from .pair_cache import CachedPairs, cache_shards
-from .state import latest_state, load_state, rng_state, save_state, set_rng_state
+from .state import latest_state
 
 
 def _sample_settings(args, upscaler: Upscaler) -> dict:
@@ -134,13 +134,6 @@ def load_training_pairs(args, sample_paths: list[Path]) -> CachedPairs:
     return pairs
 
 
-def hold_out(pairs: CachedPairs, val: int) -> dict[str, torch.Tensor]:
-    """Take the last `val` pairs out of the training pool: they are the validation set."""
-    held = {k: t[-val:] for k, t in pairs.tensors.items()}
-    pairs.tensors = {k: t[:-val] for k, t in pairs.tensors.items()}
-    return held
-
-
 def pick_latents(batch: dict, steps: list[int], first_sample: int) -> torch.Tensor:
     """Sample i of the stream decodes the latent of step count steps[i % len(steps)]: every count, equally."""
     rows = [batch[f"z{steps[(first_sample + i) % len(steps)]}"][i] for i in range(len(batch["hr"]))]
@@ -168,38 +161,21 @@ def train(args, sample_paths: list[Path]) -> None:
     autocast = args.precision == "bf16" or (args.precision == "auto" and native_bf16("cpu"))
     decoder = trainable_decoder()
     lpips_vgg, lpips_alex = LPIPS(net="vgg"), LPIPS(net="alex")
-    optimizer = torch.optim.AdamW(decoder.parameters(), lr=args.lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min(1.0, (step + 1) / args.warmup) *
-        (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(step, args.steps) / args.steps))))
     pairs = load_training_pairs(args, sample_paths)
     held = hold_out(pairs, args.val)
-    step = 0
-    found = latest_state(args.out)
+    run = CodecRun(args.out, "decoder", decoder, pairs, lr=args.lr, steps=args.steps, warmup=args.warmup)
     if args.resume or args.export:
-        if found is None:
-            raise SystemExit(f"no training state in {args.out} to {'export' if args.export else 'resume'}")
-        state = load_state(found)
-        decoder.load_state_dict(state["decoder"])
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        pairs.load_state_dict(state["data"])
-        set_rng_state(state["rng"])
-        step = state["step"]
-    elif found is not None:
+        run.restore("export" if args.export else "resume")
+    elif latest_state(args.out) is not None:
         raise SystemExit(f"{args.out} already holds training states: --resume, or use another --out")
     if args.export:
-        export(args, decoder, step, validate(decoder, held, args.sample_steps, lpips_vgg, lpips_alex, False))
+        export(args, decoder, run.step, validate(decoder, held, args.sample_steps, lpips_vgg, lpips_alex, False))
         return
 
-    log = (args.out / "log.jsonl").open("a")
-    if step == 0:
-        record = {"step": 0, "val": validate(decoder, held, args.sample_steps, lpips_vgg, lpips_alex, autocast)}
-        print(json.dumps(record), flush=True)
-        log.write(json.dumps(record) + "\n")
-    t0 = time.perf_counter()
+    if run.step == 0:
+        run.record({"val": validate(decoder, held, args.sample_steps, lpips_vgg, lpips_alex, autocast)})
     last = min(args.steps, args.stop_at or args.steps)
-    while step < last:
+    while run.step < last:
         first = pairs.samples_drawn
         batch = next(pairs)
         latents = pick_latents(batch, args.sample_steps, first)
@@ -207,24 +183,14 @@ def train(args, sample_paths: list[Path]) -> None:
             pixels = decode(decoder, latents)
             l1 = (pixels - batch["hr"]).abs().mean()
             perceptual = lpips_vgg(pixels.clamp(0, 1), batch["hr"]).mean()
-        loss = args.w_l1 * l1 + args.w_lpips * perceptual
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        step += 1
-        if step % args.log_every == 0 or step == last:
-            record = {"step": step, "l1": round(l1.item(), 4), "lpips_vgg": round(perceptual.item(), 4),
-                      "lr": schedule.get_last_lr()[0], "s_per_step": round((time.perf_counter() - t0) / args.log_every, 2)}
-            if step % args.val_every == 0 or step == last:
-                record["val"] = validate(decoder, held, args.sample_steps, lpips_vgg, lpips_alex, autocast)
-            print(json.dumps(record), flush=True)
-            log.write(json.dumps(record) + "\n")
-            log.flush()
-            t0 = time.perf_counter()
-        if step % args.save_every == 0 or step == last:
-            save_state(args.out, step, {"step": step, "decoder": decoder.state_dict(), "optimizer": optimizer.state_dict(),
-                                        "schedule": schedule.state_dict(), "data": pairs.state_dict(), "rng": rng_state()})
+        run.update(args.w_l1 * l1 + args.w_lpips * perceptual)
+        if run.step % args.log_every == 0 or run.step == last:
+            values = {"l1": round(l1.item(), 4), "lpips_vgg": round(perceptual.item(), 4)}
+            if run.step % args.val_every == 0 or run.step == last:
+                values["val"] = validate(decoder, held, args.sample_steps, lpips_vgg, lpips_alex, autocast)
+            run.record(values, args.log_every)
+        if run.step % args.save_every == 0 or run.step == last:
+            run.save()
 
 
 def parse_args(argv=None):
