@@ -2,7 +2,7 @@
 
   python -m train.decoder_finetune --pairs data_local/pairs-cond --out runs/decoder --steps 1000
   python -m train.decoder_finetune ... --resume                 # continue exactly where the last state left off
-  python -m train.decoder_finetune ... --export teasr_core/bundled/teasr-small.safetensors
+  python -m train.decoder_finetune ... --export runs/teasr-small-decoder.safetensors
 
 Why: the model's latents are not the clean latents TAEF2's decoder was made for: its samples are a
 little off the data, and the decoder renders that as smear and speckle. A decoder that learns to
