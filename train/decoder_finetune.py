@@ -114,14 +114,14 @@ def trainable_decoder(device="cpu") -> nn.Sequential:
     return decoder.to(device, memory_format=torch.channels_last)
 
 
+LATENT_MEAN_T = torch.tensor(LATENT_MEAN).view(1, -1, 1, 1)
+LATENT_STD_T = torch.tensor(LATENT_STD).view(1, -1, 1, 1)
+
+
 def decode(decoder: nn.Sequential, latent: torch.Tensor) -> torch.Tensor:
     """Normalised latent -> pixels, unclamped (the codec's `decode` without the clamp)."""
     raw = latent * LATENT_STD_T + LATENT_MEAN_T
     return decoder(raw.contiguous(memory_format=torch.channels_last)).float()
-
-
-LATENT_MEAN_T = torch.tensor(LATENT_MEAN).view(1, -1, 1, 1)
-LATENT_STD_T = torch.tensor(LATENT_STD).view(1, -1, 1, 1)
 
 
 def load_training_pairs(args, sample_paths: list[Path]) -> CachedPairs:

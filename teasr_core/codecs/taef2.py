@@ -186,8 +186,9 @@ class TAEF2Codec:
     """Frozen TAEF2 encoder/decoder with per-channel latent normalisation (see `Codec` in codec.py).
 
     `decoder_state`: a decoder fine-tuned for one model (train/decoder_finetune.py), which its
-    checkpoint carries; TAEF2's own otherwise. With the LR head in the weights folder, `encode_lr` gives the condition of a x4 upscale from the
-    LR image itself (see make_lr_head); `lr_scale` is then 4, else None.
+    checkpoint carries; TAEF2's own otherwise. With the LR head in the weights folder, `encode_lr`
+    gives the condition of a x4 upscale from the LR image itself (see make_lr_head); `lr_scale` is
+    then 4, else None.
 
     Inputs are moved to the codec's device and dtype; latents and images come out on that device in
     float32 (a bf16 / fp16 codec keeps its first and last layers in float32). The nets have no trainable

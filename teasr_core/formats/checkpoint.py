@@ -88,19 +88,18 @@ def save_checkpoint(path, dit: DualBranchDiT, codec: dict, *, preset: str | None
     `codec_tensors` (names without the `codec.` prefix): the model's own codec weights, which its
     codec config must name (codec["decoder"] = "checkpoint" for a TAEF2 decoder).
 
-
     `lora_only` writes the delta, which is only valid on the exact base weights it was trained on:
     `merge_lora` rewrites base weights, so save a merged model in full.
     """
     state = dit.state_dict()
     if lora_only:
         state = {k: v for k, v in state.items() if is_delta_key(k)}
-    layer_alphas = {name: list(layer.alphas) for name, layer in dual_lora_layers(dit) if any(layer.ranks)}
-    meta = checkpoint_metadata(dit.cfg, codec, kind="lora" if lora_only else "full", preset=preset,
-                               layer_alphas=layer_alphas, training=training, sampling=sampling)
     if bool(codec_tensors) != (codec.get("decoder") == OWN_DECODER):
         raise ValueError(f"codec tensors and codec config disagree: {len(codec_tensors or {})} tensors, config "
                          f"decoder {codec.get('decoder')!r} (a model's own decoder needs both)")
+    layer_alphas = {name: list(layer.alphas) for name, layer in dual_lora_layers(dit) if any(layer.ranks)}
+    meta = checkpoint_metadata(dit.cfg, codec, kind="lora" if lora_only else "full", preset=preset,
+                               layer_alphas=layer_alphas, training=training, sampling=sampling)
     tensors = _file_tensors(state, dtype)
     tensors.update({CODEC_PREFIX + k: v for k, v in _file_tensors(codec_tensors or {}, dtype).items()})
     return write_checkpoint(path, tensors, meta)

@@ -92,19 +92,18 @@ def split_codec_tensors(tensors: dict) -> dict:
     return {k[len(CODEC_PREFIX):]: tensors.pop(k) for k in names}
 
 
-def _load_full(path: Path, meta: dict, device, codec_tensors: dict | None = None) -> DualBranchDiT:
+def _load_full(path: Path, meta: dict, device) -> tuple[DualBranchDiT, dict]:
+    """The DiT of a full checkpoint, and the codec tensors it carries."""
     cfg = _config(path, meta)
     dit = meta_model(cfg)
     tensors = read_tensors(path, device)
-    found = split_codec_tensors(tensors)
-    if codec_tensors is not None:
-        codec_tensors.update(found)
+    codec_tensors = split_codec_tensors(tensors)
     fit_fp8_slots(dit, tensors)
     fit_lora(dit, tensors, meta.get("lora_alphas", {}))
     check_names(path, tensor_shapes(dit.state_dict()), tensor_shapes(tensors),
                  f"the model its metadata describes, {describe_config(cfg, meta.get('preset'))}")
     dit.load_state_dict(tensors, strict=True, assign=True)
-    return dit
+    return dit, codec_tensors
 
 
 def _load_base(base: Path, cfg: DiTConfig, device) -> DualBranchDiT:
@@ -118,7 +117,7 @@ def _load_base(base: Path, cfg: DiTConfig, device) -> DualBranchDiT:
     if base_meta["kind"] != "full":
         raise CheckpointError(f"the base {base} is itself a LoRA checkpoint; a base must be a full TEASR "
                               "checkpoint or a Qwen-Image base transformer")
-    dit = _load_full(base, base_meta, device)
+    dit, _ = _load_full(base, base_meta, device)
     differ = [f"{f.name}: base {getattr(dit.cfg, f.name)!r}, LoRA {getattr(cfg, f.name)!r}" for f in fields(cfg)
               if f.name not in ("lora_ranks", "lora_alphas") and getattr(dit.cfg, f.name) != getattr(cfg, f.name)]
     if differ:
@@ -154,7 +153,7 @@ def load_checkpoint(path, *, device="cpu", dtype: torch.dtype | None = None, fp8
     meta = None if dual_lora else read_metadata(path)
     codec_tensors: dict = {}
     if meta is not None and meta["kind"] == "full":
-        dit = _load_full(path, meta, device, codec_tensors)
+        dit, codec_tensors = _load_full(path, meta, device)
     else:
         if base is None:
             raise CheckpointError(f"{path} is a {'dual-LoRA file' if dual_lora else 'TEASR LoRA checkpoint'} (only "

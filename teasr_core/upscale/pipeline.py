@@ -181,9 +181,9 @@ class Upscaler:
             # precise); an external VAE (Qwen-Image's, ComfyUI's code) in the transformer's, as ComfyUI runs it
             own_codec = ckpt.codec.get("name") == "taef2"
             codec_dtype = dtype or (default_codec_dtype(device) if own_codec else compute)
-        return cls(ckpt.dit, codec or codec_from_config(ckpt.codec, device=device, vae=vae, dtype=codec_dtype,
-                                                                 tensors=ckpt.codec_tensors),
-                   sampling=ckpt.sampling)
+        codec = codec or codec_from_config(ckpt.codec, device=device, vae=vae, dtype=codec_dtype,
+                                           tensors=ckpt.codec_tensors)
+        return cls(ckpt.dit, codec, sampling=ckpt.sampling)
 
     @property
     def device(self) -> torch.device:
