@@ -89,7 +89,6 @@ def make_samples(args, shard_paths: list[Path], log=print) -> list[Path]:
     return out
 
 
-
 def export(args, decoder: nn.Sequential, step: int, val: dict) -> None:
     """The checkpoint with this decoder inside (fp16), sampled by default on the grid it was trained on."""
     loaded = load_checkpoint(args.checkpoint)
