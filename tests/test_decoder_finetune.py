@@ -113,3 +113,9 @@ def test_decoder_finetune_resumes_exactly_and_exports_a_loadable_model(tmp_path)
     assert any(not torch.equal(exported[0].codec_tensors[f"decoder.{k}"], v) for k, v in start.items())
     upscaler = Upscaler.from_checkpoint(tmp_path / "split.safetensors", dtype=torch.float32)
     assert upscale(upscaler, torch.rand(1, 3, 16, 16)).isfinite().all()
+    half = tmp_path / "half.safetensors"   # --blend 0.5: half-way between TAEF2's decoder and the trained one
+    finetune([*common, "--out", str(tmp_path / "split"), "--export", str(half), "--blend", "0.5"])
+    blended = load_checkpoint(half).codec_tensors
+    for k, v in start.items():
+        want = (v.float() + exported[1].codec_tensors[f"decoder.{k}"].float()) / 2
+        assert torch.allclose(blended[f"decoder.{k}"].float(), want, atol=2e-3, rtol=2e-3)   # fp16 storage

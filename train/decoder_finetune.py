@@ -96,7 +96,7 @@ def export(args, decoder: nn.Sequential, step: int, val: dict) -> None:
         raise SystemExit(f"{args.checkpoint} is a LoRA delta; the decoder ships inside a full checkpoint")
     settings = json.loads((args.out / "samples.json").read_text())
     training = {**loaded.meta.get("training", {}),
-                "decoder_finetune": {"steps": step, "sample_steps": args.sample_steps, "w_l1": args.w_l1,
+                "decoder_finetune": {"steps": step, "blend": args.blend, "sample_steps": args.sample_steps, "w_l1": args.w_l1,
                                      "w_lpips_vgg": args.w_lpips, "pairs": str(args.pairs), "val": val}}
     sampling = {**(loaded.meta.get("sampling") or {}), "end_ratio": settings["end_ratio"]}
     codec = {**loaded.codec, "decoder": OWN_DECODER}
@@ -168,6 +168,9 @@ def train(args, sample_paths: list[Path]) -> None:
     elif latest_state(args.out) is not None:
         raise SystemExit(f"{args.out} already holds training states: --resume, or use another --out")
     if args.export:
+        if args.blend != 1:   # weight-space interpolation towards TAEF2's decoder (WiSE-FT)
+            start = trainable_decoder().state_dict()
+            decoder.load_state_dict({k: start[k] + args.blend * (v - start[k]) for k, v in decoder.state_dict().items()})
         export(args, decoder, run.step, validate(decoder, held, args.sample_steps, lpips_vgg, lpips_alex, False))
         return
 
@@ -219,6 +222,8 @@ def parse_args(argv=None):
     ap.add_argument("--stop-at", type=int, help="save and stop at this step (the schedule still runs to --steps)")
     ap.add_argument("--resume", action="store_true", help="continue from the newest state in --out")
     ap.add_argument("--export", type=Path, help="write the checkpoint with this decoder inside and stop")
+    ap.add_argument("--blend", type=float, default=1.0,
+                    help="export TAEF2's decoder + blend x (trained - TAEF2's): 1 = as trained, 0.5 = half-way")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0, help="torch threads; 0 = default")
     return ap.parse_args(argv)
