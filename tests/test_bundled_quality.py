@@ -4,7 +4,7 @@ Six pairs spread over the two shared real-world halves (RealSR, DRealSR; every 1
 README's main path (`pipeline.upscale` with the CLI's defaults), scored as `python -m teasr_core eval`
 scores (8-bit output, LPIPS-Alex, DISTS, PSNR-Y). A model that turns photos into noise, or only
 reproduces the bicubic upscale, fails here: LPIPS must be clearly below bicubic's at 1 and 4 steps, with
-PSNR-Y at most 1.5 dB lower; 4 steps (on the model's own grid, end ratio 0.85) within 0.01 LPIPS of 1
+PSNR-Y at most 2 dB lower; 4 steps (on the model's own grid, end ratio 0.85) within 0.01 LPIPS of 1
 step; and DISTS below bicubic's at both. The defaults come from the file (its attention window) and the
 codec (the LR head), so a change to either is held to this too.
 """
@@ -21,10 +21,13 @@ from teasr_core.upscale.imageio import read_image
 from teasr_core.upscale.pipeline import Upscaler, UpscaleSettings, upscale
 
 # How far below bicubic's LPIPS the model must be on these six pairs: "clearly". Measured 2026-12-03 (auto
-# precision on an AVX-512 BF16 CPU): 1 step 0.280, 4 steps 0.282, bicubic 0.388; PSNR-Y 27.38 / 27.14 /
-# 28.10 dB; DISTS 0.238 / 0.241 / 0.248 (2026-11-30, the defaults before: 0.302 / 0.308 LPIPS, 26.61 / 26.11 dB).
-LPIPS_MARGIN = {"1 step": 0.07, "4 steps": 0.07}
-PSNR_DROP = 1.5       # dB below bicubic at most
+# precision on an AVX-512 BF16 CPU) with the file's own decoder (BENCHMARKS.md, "A decoder fine-tuned on the
+# model's own samples"): 1 step LPIPS 0.228, bicubic 0.388; PSNR-Y 26.55 / 28.10 dB; DISTS 0.239 / 0.248
+# (the file before it: 0.280 LPIPS, 27.38 dB, 0.238 DISTS).
+LPIPS_MARGIN = {"1 step": 0.12, "4 steps": 0.12}
+# dB below bicubic at most: that decoder trades ~0.8 dB of PSNR-Y for ~0.03 LPIPS on the shared halves;
+# issue 19 allows 3 dB at 4 steps.
+PSNR_DROP = 2.0
 STEPS_LPIPS_SLACK = 0.01  # 4 steps may trail 1 step by this much LPIPS (issue 9's bar)
 
 
