@@ -33,8 +33,8 @@ from teasr_core.codecs.build import OWN_DECODER
 from teasr_core.codecs.taef2 import LATENT_MEAN, LATENT_STD, WEIGHT_FILES, default_weights_dir, load_strict, make_decoder
 from teasr_core.eval.metrics import LPIPS
 from teasr_core.formats.checkpoint import save_checkpoint
-from teasr_core.formats.load import bundled_checkpoint_path, load_checkpoint
-from teasr_core.sampling import sample, shifted_sigmas
+from teasr_core.formats.load import bundled_checkpoint_path, load_checkpoint, read_metadata
+from teasr_core.sampling import ModelSampling, sample, shifted_sigmas
 from teasr_core.upscale.pipeline import Upscaler, native_bf16
 
 from .codec_run import CodecRun, hold_out
@@ -42,8 +42,9 @@ from .pair_cache import CachedPairs, cache_shards
 from .state import latest_state
 
 
-def _sample_settings(args, upscaler: Upscaler) -> dict:
-    end_ratio = upscaler.sampling.end_ratio if args.end_ratio is None else args.end_ratio
+def _sample_settings(args) -> dict:
+    sampling = ModelSampling.from_metadata(read_metadata(args.checkpoint).get("sampling"))
+    end_ratio = sampling.end_ratio if args.end_ratio is None else args.end_ratio
     return {"checkpoint": str(Path(args.checkpoint).resolve()), "sample_steps": args.sample_steps,
             "start_strength": args.start_strength, "end_ratio": end_ratio, "seed": args.seed}
 
@@ -51,19 +52,19 @@ def _sample_settings(args, upscaler: Upscaler) -> dict:
 @torch.no_grad()
 def make_samples(args, shard_paths: list[Path], log=print) -> list[Path]:
     """The model's samples of every cached pair, one shard file per pair shard (kept; re-runs skip them)."""
-    compute = torch.bfloat16 if native_bf16("cpu") else torch.float32
-    upscaler = Upscaler.from_checkpoint(args.checkpoint, dtype=compute, codec_dtype=torch.float32)
-    settings = _sample_settings(args, upscaler)
+    settings = _sample_settings(args)
     meta = args.out / "samples.json"
     if meta.exists() and json.loads(meta.read_text()) != settings:
         raise ValueError(f"{args.out} holds samples made with {meta.read_text()}, not {settings}; use another --out")
     args.out.mkdir(parents=True, exist_ok=True)
     meta.write_text(json.dumps(settings, indent=1))
+    paths = [args.out / f"samples-{i:05d}.safetensors" for i in range(len(shard_paths))]
+    if all(p.exists() for p in paths):
+        return paths   # resume / export: no model to load
+    compute = torch.bfloat16 if native_bf16("cpu") else torch.float32
+    upscaler = Upscaler.from_checkpoint(args.checkpoint, dtype=compute, codec_dtype=torch.float32)
     dit, codec = upscaler.dit, upscaler.codec
-    out = []
-    for shard_index, shard in enumerate(shard_paths):
-        path = args.out / f"samples-{shard_index:05d}.safetensors"
-        out.append(path)
+    for shard_index, (shard, path) in enumerate(zip(shard_paths, paths)):
         if path.exists():
             continue
         t0 = time.perf_counter()
@@ -86,7 +87,7 @@ def make_samples(args, shard_paths: list[Path], log=print) -> list[Path]:
         save_file({k: torch.cat(v).contiguous() for k, v in parts.items()}, str(tmp))
         tmp.replace(path)
         log(f"{path.name}: {len(lr)} pairs x {len(args.sample_steps)} step counts in {time.perf_counter() - t0:.0f} s")
-    return out
+    return paths
 
 
 def export(args, decoder: nn.Sequential, step: int, val: dict) -> None:
