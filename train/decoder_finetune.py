@@ -30,7 +30,7 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from teasr_core.codecs.build import OWN_DECODER
-from teasr_core.codecs.taef2 import LATENT_MEAN, LATENT_STD, WEIGHT_FILES, default_weights_dir, load_strict, make_decoder
+from teasr_core.codecs.taef2 import WEIGHT_FILES, TAEF2Codec, default_weights_dir, load_strict, make_decoder
 from teasr_core.eval.metrics import LPIPS
 from teasr_core.formats.checkpoint import save_checkpoint
 from teasr_core.formats.load import bundled_checkpoint_path, load_checkpoint, read_metadata
@@ -114,16 +114,6 @@ def trainable_decoder(device="cpu") -> nn.Sequential:
     return decoder.to(device, memory_format=torch.channels_last)
 
 
-LATENT_MEAN_T = torch.tensor(LATENT_MEAN).view(1, -1, 1, 1)
-LATENT_STD_T = torch.tensor(LATENT_STD).view(1, -1, 1, 1)
-
-
-def decode(decoder: nn.Sequential, latent: torch.Tensor) -> torch.Tensor:
-    """Normalised latent -> pixels, unclamped (the codec's `decode` without the clamp)."""
-    raw = latent * LATENT_STD_T + LATENT_MEAN_T
-    return decoder(raw.contiguous(memory_format=torch.channels_last)).float()
-
-
 def load_training_pairs(args, sample_paths: list[Path]) -> CachedPairs:
     """The cached HR crops with the model's samples beside them (z<k> per step count)."""
     pairs = CachedPairs(args.pairs, batch_size=args.batch, seed=args.seed, shards=args.shards)
@@ -141,7 +131,8 @@ def pick_latents(batch: dict, steps: list[int], first_sample: int) -> torch.Tens
 
 
 @torch.no_grad()
-def validate(decoder, held: dict, steps: list[int], lpips_vgg, lpips_alex, autocast: bool, batch: int = 16) -> dict:
+def validate(codec: TAEF2Codec, decoder, held: dict, steps: list[int], lpips_vgg, lpips_alex, autocast: bool,
+             batch: int = 16) -> dict:
     """Per step count: mean L1, LPIPS-VGG (trained on) and LPIPS-Alex (scored by the eval) of the clamped decode."""
     out = {}
     for k in steps:
@@ -149,7 +140,7 @@ def validate(decoder, held: dict, steps: list[int], lpips_vgg, lpips_alex, autoc
         for i in range(0, len(held["hr"]), batch):
             hr = held["hr"][i:i + batch].float() / 255
             with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
-                pixels = decode(decoder, held[f"z{k}"][i:i + batch].float())
+                pixels = codec.decode_unclamped(held[f"z{k}"][i:i + batch], decoder).float()
             pixels = pixels.clamp(0, 1)
             sums += torch.stack([(pixels - hr).abs().mean((1, 2, 3)).sum(), lpips_vgg(pixels, hr).sum(),
                                  lpips_alex(pixels, hr).sum()])
@@ -159,7 +150,7 @@ def validate(decoder, held: dict, steps: list[int], lpips_vgg, lpips_alex, autoc
 
 def train(args, sample_paths: list[Path]) -> None:
     autocast = args.precision == "bf16" or (args.precision == "auto" and native_bf16("cpu"))
-    decoder = trainable_decoder()
+    codec, decoder = TAEF2Codec(), trainable_decoder()   # the codec de-normalises; `decoder` is what trains
     lpips_vgg, lpips_alex = LPIPS(net="vgg"), LPIPS(net="alex")
     pairs = load_training_pairs(args, sample_paths)
     held = hold_out(pairs, args.val)
@@ -172,25 +163,25 @@ def train(args, sample_paths: list[Path]) -> None:
         if args.blend != 1:   # weight-space interpolation towards TAEF2's decoder (WiSE-FT)
             start = trainable_decoder().state_dict()
             decoder.load_state_dict({k: start[k] + args.blend * (v - start[k]) for k, v in decoder.state_dict().items()})
-        export(args, decoder, run.step, validate(decoder, held, args.sample_steps, lpips_vgg, lpips_alex, False))
+        export(args, decoder, run.step, validate(codec, decoder, held, args.sample_steps, lpips_vgg, lpips_alex, False))
         return
 
     if run.step == 0:
-        run.record({"val": validate(decoder, held, args.sample_steps, lpips_vgg, lpips_alex, autocast)})
+        run.record({"val": validate(codec, decoder, held, args.sample_steps, lpips_vgg, lpips_alex, autocast)})
     last = min(args.steps, args.stop_at or args.steps)
     while run.step < last:
         first = pairs.samples_drawn
         batch = next(pairs)
         latents = pick_latents(batch, args.sample_steps, first)
         with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
-            pixels = decode(decoder, latents)
+            pixels = codec.decode_unclamped(latents, decoder).float()
             l1 = (pixels - batch["hr"]).abs().mean()
             perceptual = lpips_vgg(pixels.clamp(0, 1), batch["hr"]).mean()
         run.update(args.w_l1 * l1 + args.w_lpips * perceptual)
         if run.step % args.log_every == 0 or run.step == last:
             values = {"l1": round(l1.item(), 4), "lpips_vgg": round(perceptual.item(), 4)}
             if run.step % args.val_every == 0 or run.step == last:
-                values["val"] = validate(decoder, held, args.sample_steps, lpips_vgg, lpips_alex, autocast)
+                values["val"] = validate(codec, decoder, held, args.sample_steps, lpips_vgg, lpips_alex, autocast)
             run.record(values, args.log_every)
         if run.step % args.save_every == 0 or run.step == last:
             run.save()

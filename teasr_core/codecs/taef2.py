@@ -256,7 +256,12 @@ class TAEF2Codec:
         The hard clamp passes no gradient through pixels the decoder puts outside [0, 1]; those
         are rare and small overshoots, and the codec contract is an image in [0, 1].
         """
-        return self.decoder(self._raw(latent)).clamp(0, 1).contiguous()
+        return self.decode_unclamped(latent).clamp(0, 1).contiguous()
+
+    def decode_unclamped(self, latent: torch.Tensor, decoder: nn.Module | None = None) -> torch.Tensor:
+        """`decode` before the clamp, through `decoder` (TAEF2's architecture) instead of the codec's own when given:
+        a decoder being fine-tuned (train.decoder_finetune) needs gradients where its pixels overshoot [0, 1]."""
+        return (self.decoder if decoder is None else decoder)(self._raw(latent))
 
     def encode_tiled(self, image_window: Callable[[int, int, int, int], torch.Tensor], latent_hw: tuple[int, int],
                      tile: int) -> torch.Tensor:
