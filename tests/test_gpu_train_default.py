@@ -1,6 +1,7 @@
 """scripts/gpu_train_default.py: what a GPU lease carries fits its 64 MiB, the int8 LPIPS-VGG weights come back
 within int8 round-off, and `--smoke` runs the lease's whole path on the CPU (train, split) into parts that
-`--join` puts back into the trainer's checkpoint bit for bit, which the loader reads."""
+`--join` puts back into the trainer's checkpoint bit for bit, which the loader reads with the base's decoder
+and sampling defaults."""
 from __future__ import annotations
 
 import subprocess
@@ -11,7 +12,7 @@ from safetensors.torch import load_file
 
 from conftest import REPO, shared_path
 from teasr_core.eval.weights import weights_path
-from teasr_core.formats.load import load_checkpoint
+from teasr_core.formats.load import bundled_checkpoint_path, load_checkpoint
 
 sys.path.insert(0, str(REPO / "scripts"))
 import gpu_train_default as lease  # noqa: E402
@@ -45,4 +46,6 @@ def test_smoke_lease_trains_splits_and_joins(tmp_path):
     trained = tmp_path / "scratch" / "run" / "checkpoints" / "step-00000002.safetensors"
     want, got = load_file(str(trained)), load_file(str(joined))
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
-    assert load_checkpoint(joined).codec_tensors    # the shipped file's own decoder travelled with it
+    model, base = load_checkpoint(joined), load_checkpoint(bundled_checkpoint_path())
+    assert model.codec_tensors.keys() == base.codec_tensors.keys()   # the shipped file's own decoder travelled
+    assert model.meta["sampling"] == base.meta["sampling"]           # and its grid and attention tile

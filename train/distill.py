@@ -115,6 +115,7 @@ class ModelSetup:
     preset: str | None
     context: torch.Tensor | None
     codec_tensors: dict = field(default_factory=dict)   # a base model's own codec weights, saved along
+    sampling: dict | None = None   # a base model's sampling defaults (grid, attention tile), saved along
 
 
 def make_codec(cfg: TrainConfig, in_channels: int, device):
@@ -149,6 +150,7 @@ def build_model(cfg: TrainConfig, device, seed: int) -> ModelSetup:
     """Fresh preset init, a TEASR checkpoint, or a Qwen-Image base; LoRA added as configured."""
     dtype = DTYPES[cfg.base_dtype]
     codec_tensors: dict = {}
+    sampling = None
     if not cfg.base:
         base_cfg = preset(cfg.preset)
         codec, codec_config = make_codec(cfg, base_cfg.in_channels, device)
@@ -165,7 +167,7 @@ def build_model(cfg: TrainConfig, device, seed: int) -> ModelSetup:
     elif _is_teasr_checkpoint(cfg.base):
         ckpt = load_checkpoint(cfg.base, device=device)
         codec_config = ckpt.codec
-        codec_tensors = ckpt.codec_tensors
+        codec_tensors, sampling = ckpt.codec_tensors, ckpt.meta.get("sampling")
         codec = codec_from_config(codec_config, device=device, vae=cfg.vae or None, tensors=codec_tensors)
         if cfg.codec != "auto" and codec_config.get("name") != cfg.codec:
             log.warning("the base checkpoint's codec %s is used (config says %r)", codec_config, cfg.codec)
@@ -204,7 +206,7 @@ def build_model(cfg: TrainConfig, device, seed: int) -> ModelSetup:
     if cfg.compile_blocks:
         for block in dit.transformer_blocks:
             block.compile(dynamic=False)
-    return ModelSetup(dit, codec, codec_config, name, load_context(cfg, dit, device), codec_tensors)
+    return ModelSetup(dit, codec, codec_config, name, load_context(cfg, dit, device), codec_tensors, sampling)
 
 
 def _is_teasr_checkpoint(path: str) -> bool:
@@ -264,7 +266,7 @@ class Trainer:
         self.autocast_enabled = cfg.bf16 and native_bf16(device)
         setup = build_model(cfg, device, mix_seed(cfg.seed, "init"))
         self.dit, self.codec, self.codec_config, self.preset = setup.dit, setup.codec, setup.codec_config, setup.preset
-        self.codec_tensors = setup.codec_tensors
+        self.codec_tensors, self.sampling = setup.codec_tensors, setup.sampling
         self.context = setup.context
         align = self.codec.scale * self.dit.cfg.patch
         if cfg.crop % align:
@@ -483,7 +485,7 @@ class Trainer:
         path = self.out / "checkpoints" / f"step-{self.step:08d}.safetensors"
         training = {"step": self.step, "objective": cfg.objective, "base": cfg.base or None, "config": cfg.to_dict()}
         save_checkpoint(path, dit, self.codec_config, preset=self.preset, training=training, lora_only=lora_only,
-                        dtype=DTYPES.get(cfg.ckpt_dtype), codec_tensors=self.codec_tensors)
+                        dtype=DTYPES.get(cfg.ckpt_dtype), codec_tensors=self.codec_tensors, sampling=self.sampling)
         log.info("step %d: checkpoint %s", self.step, path)
         return path
 
