@@ -78,8 +78,8 @@ def prepare(dest: Path, weights_dir: Path, pool: Path, wheels: bool, photo_bytes
                         "--platform", "manylinux2014_x86_64", "--platform", "manylinux_2_17_x86_64",
                         "--dest", str(dest / "wheels"), *WHEELS], check=True)
     save_file(quantise(load_file(str(weights_dir / LPIPS_VGG))), str(dest / f"{LPIPS_VGG}.int8"))
-    used = sum(p.stat().st_size for p in dest.rglob("*") if p.is_file())
-    budget = photo_bytes if photo_bytes is not None else LEASE_BYTES - MARGIN_BYTES - tracked_bytes() - used
+    used, tracked = sum(p.stat().st_size for p in dest.rglob("*") if p.is_file()), tracked_bytes()
+    budget = photo_bytes if photo_bytes is not None else LEASE_BYTES - MARGIN_BYTES - tracked - used
     photos = sorted(p for p in pool.rglob("*") if p.suffix.lower() in PHOTO_SUFFIXES)
     random.Random(0).shuffle(photos)                     # every part of the pool, not the first folder's photos
     (dest / "photos").mkdir()
@@ -91,7 +91,7 @@ def prepare(dest: Path, weights_dir: Path, pool: Path, wheels: bool, photo_bytes
         taken += photo.stat().st_size
     total = used + taken
     print(f"{dest}: {len(list((dest / 'photos').iterdir()))} of {len(photos)} photos, "
-          f"{total / 2**20:.1f} MiB carried + {tracked_bytes() / 2**20:.1f} MiB tracked (lease: 64 MiB)")
+          f"{total / 2**20:.1f} MiB carried + {tracked / 2**20:.1f} MiB tracked (lease: 64 MiB)")
 
 
 def bring(carry: Path, scratch: Path) -> dict:
