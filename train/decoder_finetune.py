@@ -160,8 +160,8 @@ def train(args, sample_paths: list[Path]) -> None:
     elif latest_state(args.out) is not None:
         raise SystemExit(f"{args.out} already holds training states: --resume, or use another --out")
     if args.export:
-        if args.blend != 1:   # weight-space interpolation towards TAEF2's decoder (WiSE-FT)
-            start = trainable_decoder().state_dict()
+        if args.blend != 1:   # weight-space interpolation towards TAEF2's decoder (WiSE-FT), the codec's own
+            start = codec.decoder.state_dict()
             decoder.load_state_dict({k: start[k] + args.blend * (v - start[k]) for k, v in decoder.state_dict().items()})
         export(args, decoder, run.step, validate(codec, decoder, held, args.sample_steps, lpips_vgg, lpips_alex, False))
         return
