@@ -29,7 +29,8 @@ from teasr_core.network.model import DualBranchDiT, preset
 from train import bench_step
 from train.config import TrainConfig, parse_config
 from train.distill import main
-from train.objectives.teasr import TeasrObjective, loss_pixel, rcgm_target
+from teasr_core.sampling import sample, shifted_sigmas
+from train.objectives.teasr import TeasrObjective, draw_one_step, draw_own_path, loss_pixel, own_path_states, rcgm_target
 from train.state import join_tree, split_tree
 
 STEPS = 30
@@ -316,6 +317,35 @@ def test_rcgm_target_is_exact_for_a_true_flow_map():
     assert torch.allclose(rcgm_target(net, x_t, None, v, sigma, target, v, 0.01, 2), v, atol=1e-4)
     wrong = v + 5.0  # the clamp bounds the correction per step to 1
     assert torch.allclose(rcgm_target(net, x_t, None, v, sigma, target, wrong, 0.01, 2), wrong - 1)
+
+
+def test_own_path_starts_are_the_samplers_own_states():
+    """Each own-path start is where the upscale's `jump` sampler is after i of k steps, and its v* jumps to x0."""
+    assert own_path_states([1, 2, 4]) == [(1, 0), (2, 1), (4, 1), (4, 2), (4, 3)]
+    cfg = replace(TrainConfig(), own_path_share=1.0, own_path_steps=(2, 4), own_path_start=0.5)
+    torch.manual_seed(0)
+    x0, cond = torch.randn(6, 4, 8, 8), torch.randn(6, 4, 8, 8)
+    weight = torch.randn(4, 4) / 2
+    def net(x, c, s, t):   # a nonlinear stand-in: any deterministic function of its inputs will do
+        return torch.tanh(torch.einsum("oc,bchw->bohw", weight, x) + c) * s.view(-1, 1, 1, 1) + x - c
+    g = torch.Generator().manual_seed(3)
+    d = draw_own_path(net, x0, cond, g, cfg)
+    g.manual_seed(3)   # the same draws, replayed: which state, then the start noise
+    states = own_path_states(cfg.own_path_steps)
+    pick = torch.randint(len(states), (6,), generator=g).tolist()
+    eps = torch.randn(x0.shape, generator=g)
+    for b, j in enumerate(pick):
+        k, i = states[j]
+        grid = shifted_sigmas(k, start=0.5)
+        start = 0.5 * cond[b:b + 1] + 0.5 * eps[b:b + 1]
+        expected = sample(lambda x, s, t: net(x, cond[b:b + 1], s, t), start, grid[:i + 1], "jump")
+        torch.testing.assert_close(d.x_t[b:b + 1], expected)
+        assert d.sigma[b] == grid[i] and d.target[b] == 0
+    torch.testing.assert_close(d.x_t - d.sigma.view(-1, 1, 1, 1) * d.v_star, x0, rtol=0, atol=1e-5)
+    assert len(set(pick)) > 1   # the seed draws several states
+    mixed = draw_one_step(net, x0, cond, torch.Generator().manual_seed(3), replace(cfg, own_path_share=0.5))
+    on_path = torch.isclose(mixed.x_t - mixed.sigma.view(-1, 1, 1, 1) * mixed.v_star, x0, atol=1e-5).flatten(1).all(1)
+    assert on_path.all()   # both kinds of start keep x_t - sigma v* = x0
 
 
 def test_config_file_documents_every_option_and_flags_override_it():

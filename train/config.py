@@ -152,6 +152,13 @@ class TrainConfig:
                                               "[1, 1] = always from pure noise)")
     e2e_pure_noise_share: float = opt(0.0, "L_e2e: share of one-step starts at exactly sigma = 1 (the "
                                            "sampler's start); the rest follow e2e_sigma_range")
+    own_path_share: float = opt(0.0, "L_e2e: share of one-step starts taken on the sampler's own path instead "
+                                     "of the forward-noised HR: the state the `jump` sampler reaches after i of k "
+                                     "steps from the noised condition (every term of the one-step sample applies)")
+    own_path_steps: tuple = opt([1, 2, 4], "own-path starts: the step counts k whose states are drawn, uniform "
+                                           "grid from own_path_start (each distinct state equally often)")
+    own_path_start: float = opt(0.5, "own-path starts: the sampler's start strength (the upscale's default 0.5: "
+                                     "the condition latent noised to sigma 0.5)")
     fm_gap: float = opt(0.05, "L_FM: sigma_target = sigma - U(0, fm_gap * sigma)")
     fake_sigma_range: tuple = opt([0.02, 0.98], "L_adv / L_rect: sigma of the re-noised one-step sample")
 
@@ -214,6 +221,11 @@ class TrainConfig:
             raise ValueError(f"betas must be two values in [0, 1), got {self.betas}")
         if len(self.sample_steps) < 1 or min(self.sample_steps) < 1:
             raise ValueError(f"sample_steps must list step counts >= 1, got {self.sample_steps}")
+        if not 0 <= self.own_path_share <= 1 or not 0 < self.own_path_start <= 1:
+            raise ValueError(f"own_path_share must be in [0, 1] and own_path_start in (0, 1], got "
+                             f"{self.own_path_share}, {self.own_path_start}")
+        if len(self.own_path_steps) < 1 or min(self.own_path_steps) < 1:
+            raise ValueError(f"own_path_steps must list step counts >= 1, got {self.own_path_steps}")
         for name in ("e2e_sigma_range", "fake_sigma_range", "hfsd_sigma_range", "disc_sigma_range"):
             lo, hi = getattr(self, name)
             if not 0 <= lo <= hi <= 1:

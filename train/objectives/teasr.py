@@ -31,6 +31,8 @@ from typing import NamedTuple
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from teasr_core.sampling import sampler_step, shifted_sigmas
+
 from . import Pass, gaussian_like, mse, noised, one_by_one, per_sample, sigma_weight, stacked, uniform
 
 
@@ -63,6 +65,50 @@ def draw_e2e(x0, generator, cfg) -> Draw:
     sigma = torch.where(pure_noise, torch.ones_like(sigma), sigma)
     eps = gaussian_like(x0, generator)
     return Draw(noised(x0, eps, sigma), sigma, torch.zeros_like(sigma), eps - x0)
+
+
+def own_path_states(steps) -> list[tuple[int, int]]:
+    """Every distinct (k, i) state of the own path: after i of k steps; i = 0 (the start) is the same for all k."""
+    return [(1, 0)] + sorted({(k, i) for k in steps for i in range(1, k)})
+
+
+@torch.no_grad()
+def draw_own_path(net, x0, cond, generator, cfg) -> Draw:
+    """One-step starts where the `jump` sampler really is: after i of k steps from the noised condition.
+
+    Why: the forward-noised HR the other draws use is not what the sampler meets. Its start is the
+    condition (the encoded bicubic) noised to own_path_start, and every later state holds its own
+    previous estimate; trained only on the former, the later steps of the uniform grid add grain
+    instead of detail (BENCHMARKS.md, "Many-step ceiling"). A jump from such a state to 0 must
+    still land on x0, so v* = (x_t - x0) / sigma: the straight path from x0 through x_t.
+    """
+    states = own_path_states(cfg.own_path_steps)
+    pick = torch.randint(len(states), (x0.shape[0],), generator=generator, device=generator.device).tolist()
+    grids = [shifted_sigmas(k, start=cfg.own_path_start).to(x0.device) for k, _ in (states[j] for j in pick)]
+    todo = [states[j][1] for j in pick]
+    x = noised(cond, gaussian_like(x0, generator), torch.full((x0.shape[0],), cfg.own_path_start, device=x0.device))
+    for step in range(max(todo)):
+        rows = [b for b, n in enumerate(todo) if n > step]
+        sigma = torch.stack([grids[b][step] for b in rows])
+        nxt = torch.stack([grids[b][step + 1] for b in rows])
+        velocity = net(x[rows], cond[rows], sigma, torch.zeros_like(sigma))
+        x[rows] = sampler_step("jump", x[rows], velocity.to(x.dtype), per_sample(sigma), per_sample(nxt))
+    sigma = torch.stack([grids[b][n] for b, n in enumerate(todo)])
+    return Draw(x, sigma, torch.zeros_like(sigma), (x - x0) / per_sample(sigma))
+
+
+def draw_one_step(net, x0, cond, generator, cfg) -> Draw:
+    """L_e2e's draw, a share `own_path_share` of it replaced by starts on the sampler's own path."""
+    d = draw_e2e(x0, generator, cfg)
+    if cfg.own_path_share <= 0:
+        return d
+    own = (uniform(x0.shape[0], 0, 1, generator) < cfg.own_path_share).nonzero().flatten()
+    if own.numel() == 0:
+        return d
+    o = draw_own_path(net, x0[own], cond[own], generator, cfg)
+    x_t, sigma, target, v_star = (t.clone() for t in d)
+    x_t[own], sigma[own], target[own], v_star[own] = o.x_t.to(x_t.dtype), o.sigma, o.target, o.v_star.to(v_star.dtype)
+    return Draw(x_t, sigma, target, v_star)
 
 
 def draw_fm(x0, generator, cfg) -> Draw:
@@ -166,7 +212,7 @@ def loss_e2e(net, x0, cond, generator, cfg):
     x_t - sigma F keeps its gradient for the regression, rectification and pixel terms. With
     w_e2e = 0 only the jump is made (loss None): those terms still score it.
     """
-    d = draw_e2e(x0, generator, cfg)
+    d = draw_one_step(net, x0, cond, generator, cfg)
     x_t, sigma, target, v_star = d
     f_fake = net(x_t, cond, sigma, target)
     loss = None
@@ -356,7 +402,7 @@ class TeasrObjective:
         # every draw first, in _sequential's order, so both schedules see the same noise
         c_any, c_fm, c_one = cond[any_part], cond[fm_part], cond[one_part]
         d_any = draw_any(x0[any_part], generator, cfg) if cfg.w_any > 0 else None
-        d_e2e = draw_e2e(x0[one_part], generator, cfg)
+        d_e2e = draw_one_step(net, x0[one_part], c_one, generator, cfg)
         d_fm = draw_fm(x0[fm_part], generator, cfg) if cfg.w_fm > 0 else None
         fake = cfg.w_adv > 0 or cfg.w_rect > 0
         sigma_fake, z = draw_fake(x0[one_part], generator, cfg) if fake else (None, None)
