@@ -81,7 +81,7 @@ def assert_same(a, b, rtol=1e-4, atol=1e-6):
                                      dict(backward_per_group=True, checkpoint_decoder=True), NEW])
 @pytest.mark.parametrize("weights", [{}, dict(w_adv=0.0), dict(split_batch=True, batch=4), dict(w_jump=0.5, w_e2e=0.0),
                                      dict(pixel_window=8, pixel_margin=2, w_l1=0.5),
-                                     dict(own_path_share=0.5, own_path_steps=(2, 4))])
+                                     dict(own_path_share=0.5, own_path_steps=(2, 4), own_path_regression=0.5)])
 def test_new_schedule_gives_the_same_losses_and_gradients(lpips, options, weights):
     batch = 4 if weights.get("split_batch") else 2
     base = replace(TrainConfig(), **weights, **OLD)

@@ -322,7 +322,7 @@ def test_rcgm_target_is_exact_for_a_true_flow_map():
 def test_own_path_starts_are_the_samplers_own_states():
     """Each own-path start is where the upscale's `jump` sampler is after i of k steps, and its v* jumps to x0."""
     assert own_path_states([1, 2, 4]) == [(1, 0), (2, 1), (4, 1), (4, 2), (4, 3)]
-    cfg = replace(TrainConfig(), own_path_share=1.0, own_path_steps=(2, 4), own_path_start=0.5)
+    cfg = replace(TrainConfig(), own_path_share=1.0, own_path_steps=(2, 4), own_path_start=0.5, own_path_regression=0.3)
     torch.manual_seed(0)
     x0, cond = torch.randn(6, 4, 8, 8), torch.randn(6, 4, 8, 8)
     weight = torch.randn(4, 4) / 2
@@ -341,6 +341,7 @@ def test_own_path_starts_are_the_samplers_own_states():
         expected = sample(lambda x, s, t: net(x, cond[b:b + 1], s, t), start, grid[:i + 1], "jump")
         torch.testing.assert_close(d.x_t[b:b + 1], expected)
         assert d.sigma[b] == grid[i] and d.target[b] == 0
+        assert d.regress[b] == pytest.approx(1.0 if i == 0 else 0.3)   # the start itself keeps full regression
     torch.testing.assert_close(d.x_t - d.sigma.view(-1, 1, 1, 1) * d.v_star, x0, rtol=0, atol=1e-5)
     assert len(set(pick)) > 1   # the seed draws several states
     mixed = draw_one_step(net, x0, cond, torch.Generator().manual_seed(3), replace(cfg, own_path_share=0.5))

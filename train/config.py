@@ -159,6 +159,10 @@ class TrainConfig:
                                            "grid from own_path_start (each distinct state equally often)")
     own_path_start: float = opt(0.5, "own-path starts: the sampler's start strength (the upscale's default 0.5: "
                                      "the condition latent noised to sigma 0.5)")
+    own_path_regression: float = opt(1.0, "own-path starts after at least one step: weight of their regressions "
+                                          "(latent e2e / jump, pixel MSE / L1) relative to other starts; the "
+                                          "perceptual and adversarial terms keep full weight. < 1: later steps "
+                                          "are trained towards detail rather than the mean")
     fm_gap: float = opt(0.05, "L_FM: sigma_target = sigma - U(0, fm_gap * sigma)")
     fake_sigma_range: tuple = opt([0.02, 0.98], "L_adv / L_rect: sigma of the re-noised one-step sample")
 
@@ -224,6 +228,8 @@ class TrainConfig:
         if not 0 <= self.own_path_share <= 1 or not 0 < self.own_path_start <= 1:
             raise ValueError(f"own_path_share must be in [0, 1] and own_path_start in (0, 1], got "
                              f"{self.own_path_share}, {self.own_path_start}")
+        if self.own_path_regression < 0:
+            raise ValueError(f"own_path_regression must be >= 0, got {self.own_path_regression}")
         if len(self.own_path_steps) < 1 or min(self.own_path_steps) < 1:
             raise ValueError(f"own_path_steps must list step counts >= 1, got {self.own_path_steps}")
         for name in ("e2e_sigma_range", "fake_sigma_range", "hfsd_sigma_range", "disc_sigma_range"):

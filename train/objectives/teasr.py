@@ -37,12 +37,24 @@ from . import Pass, gaussian_like, mse, noised, one_by_one, per_sample, sigma_we
 
 
 class Draw(NamedTuple):
-    """One term's random draw: the prediction is made at x_t from sigma to target; v_star = eps - x0."""
+    """One term's random draw: the prediction is made at x_t from sigma to target; v_star = eps - x0.
+
+    `regress` [B] scales the regressions of a one-step draw (latent e2e / jump, pixel MSE / L1) per
+    sample, leaving the perceptual and adversarial terms whole; None = 1 everywhere.
+    """
 
     x_t: torch.Tensor
     sigma: torch.Tensor
     target: torch.Tensor
     v_star: torch.Tensor
+    regress: torch.Tensor | None = None
+
+    def regression_weight(self, c: float) -> torch.Tensor | None:
+        """sigma_weight times `regress` (None: unweighted)."""
+        weight = sigma_weight(self.sigma, c)
+        if self.regress is None:
+            return weight
+        return self.regress if weight is None else weight * self.regress
 
     def as_pass(self, cond) -> Pass:
         return Pass(self.x_t, cond, self.sigma, self.target)
@@ -94,7 +106,8 @@ def draw_own_path(net, x0, cond, generator, cfg) -> Draw:
         velocity = net(x[rows], cond[rows], sigma, torch.zeros_like(sigma))
         x[rows] = sampler_step("jump", x[rows], velocity.to(x.dtype), per_sample(sigma), per_sample(nxt))
     sigma = torch.stack([grids[b][n] for b, n in enumerate(todo)])
-    return Draw(x, sigma, torch.zeros_like(sigma), (x - x0) / per_sample(sigma))
+    regress = torch.tensor([1.0 if n == 0 else cfg.own_path_regression for n in todo], device=x0.device)
+    return Draw(x, sigma, torch.zeros_like(sigma), (x - x0) / per_sample(sigma), regress)
 
 
 def draw_one_step(net, x0, cond, generator, cfg) -> Draw:
@@ -106,9 +119,11 @@ def draw_one_step(net, x0, cond, generator, cfg) -> Draw:
     if own.numel() == 0:
         return d
     o = draw_own_path(net, x0[own], cond[own], generator, cfg)
-    x_t, sigma, target, v_star = (t.clone() for t in d)
+    x_t, sigma, target, v_star = (t.clone() for t in d[:4])
     x_t[own], sigma[own], target[own], v_star[own] = o.x_t.to(x_t.dtype), o.sigma, o.target, o.v_star.to(v_star.dtype)
-    return Draw(x_t, sigma, target, v_star)
+    regress = torch.ones_like(sigma)
+    regress[own] = o.regress
+    return Draw(x_t, sigma, target, v_star, regress)
 
 
 def draw_fm(x0, generator, cfg) -> Draw:
@@ -197,8 +212,7 @@ class OneStep(NamedTuple):
     loss: torch.Tensor | None   # L_e2e (None when w_e2e = 0)
     velocity: torch.Tensor      # F(x_t, sigma, 0), with grad
     sample: torch.Tensor        # x_t - sigma F: the one-step sample, with grad
-    sigma: torch.Tensor         # [B] start noise levels
-    v_star: torch.Tensor        # eps - x0: the exact jump's velocity
+    draw: Draw                  # its start: x_t, sigma [B], target 0, v* (the exact jump's velocity), regress
 
 
 def loss_e2e(net, x0, cond, generator, cfg):
@@ -213,13 +227,12 @@ def loss_e2e(net, x0, cond, generator, cfg):
     w_e2e = 0 only the jump is made (loss None): those terms still score it.
     """
     d = draw_one_step(net, x0, cond, generator, cfg)
-    x_t, sigma, target, v_star = d
-    f_fake = net(x_t, cond, sigma, target)
+    f_fake = net(*d.as_pass(cond))
     loss = None
     if cfg.w_e2e > 0:
-        loss = mse(f_fake, rcgm_target(net, x_t, cond, v_star, sigma, target, f_fake, cfg.rcgm_dt, cfg.rcgm_substeps),
-                   sigma_weight(sigma, cfg.sigma_weight_c))
-    return OneStep(loss, f_fake, x_t - per_sample(sigma) * f_fake, sigma, v_star)
+        loss = mse(f_fake, rcgm_target(net, d.x_t, cond, d.v_star, d.sigma, d.target, f_fake, cfg.rcgm_dt,
+                                       cfg.rcgm_substeps), d.regression_weight(cfg.sigma_weight_c))
+    return OneStep(loss, f_fake, d.x_t - per_sample(d.sigma) * f_fake, d)
 
 
 def loss_fm(net, x0, cond, generator, cfg) -> torch.Tensor:
@@ -281,7 +294,7 @@ def pixel_window(latent: torch.Tensor, hr: torch.Tensor, window: int, margin: in
     return (latent[..., y0:y1, x0:x1], hr[..., y * scale:(y + window) * scale, x * scale:(x + window) * scale], crop)
 
 
-def loss_pixel(codec, perceptual, x_fake, hr, sigma_e2e, cfg, generator) -> dict[str, torch.Tensor]:
+def loss_pixel(codec, perceptual, x_fake, hr, sigma_e2e, cfg, generator, regress=None) -> dict[str, torch.Tensor]:
     """Pixel MSE (on [-1, 1] images), L1 (on [0, 1]) and perceptual distance of the decoded one-step sample.
 
     Why: latent consistency alone says nothing about perceived detail; these anchor the one-step
@@ -289,6 +302,7 @@ def loss_pixel(codec, perceptual, x_fake, hr, sigma_e2e, cfg, generator) -> dict
     starts close to the data must reproduce it; how much a start from pure noise must is a choice
     (the precursor: not at all; super-resolution from one step at sigma = 1: fully, since that is
     the start the 1-step sampler uses). Scored on a `pixel_window` of the crop when one is set.
+    `regress` [B] (Draw.regress) scales MSE and L1 per sample, never the perceptual distance.
     Returns the weighted means of the terms whose weight is > 0 (`perceptual` None: no perceptual term).
     With `checkpoint_decoder` the decoder's activations are recomputed in backward instead of kept.
     """
@@ -301,11 +315,12 @@ def loss_pixel(codec, perceptual, x_fake, hr, sigma_e2e, cfg, generator) -> dict
     with torch.profiler.record_function("teasr.decode"):     # named for the GPU suite's profile
         image = decode(x_fake).float()[..., rows, cols]
     weight = 1 - (1 - cfg.pixel_weight_at_noise) * sigma_e2e.float()
+    fit = weight if regress is None else weight * regress   # the regressions' weight (Draw.regress)
     terms = {}
     if cfg.w_mse > 0:
-        terms["pix_mse"] = (weight * (2 * (image - hr)).pow(2).flatten(1).mean(1)).mean()
+        terms["pix_mse"] = (fit * (2 * (image - hr)).pow(2).flatten(1).mean(1)).mean()
     if cfg.w_l1 > 0:
-        terms["pix_l1"] = (weight * (image - hr).abs().flatten(1).mean(1)).mean()
+        terms["pix_l1"] = (fit * (image - hr).abs().flatten(1).mean(1)).mean()
     if perceptual is not None:
         with torch.autocast(image.device.type, enabled=False), torch.profiler.record_function("teasr.lpips"):  # fp32
             terms["pix_lpips"] = (weight * perceptual(image, hr)).mean()
@@ -355,12 +370,12 @@ class TeasrObjective:
             return self._grouped(net, x0, cond, hr, generator, backward)
         return self._sequential(net, x0, cond, hr, generator, backward)
 
-    def _pixel(self, one_sample, hr, sigma, generator):
+    def _pixel(self, one_sample, hr, draw: Draw, generator):
         """The pixel terms of the one-step sample (empty when all are off); drawn last in both schedules."""
         cfg = self.cfg
         if cfg.w_mse <= 0 and cfg.w_l1 <= 0 and self.lpips is None:
             return {}
-        return loss_pixel(self.codec, self.lpips, one_sample, hr, sigma, cfg, generator)
+        return loss_pixel(self.codec, self.lpips, one_sample, hr, draw.sigma, cfg, generator, draw.regress)
 
     def weighted(self, terms: dict) -> torch.Tensor:
         return sum(getattr(self.cfg, PIXEL_WEIGHTS.get(name, f"w_{name}")) * value for name, value in terms.items())
@@ -377,7 +392,7 @@ class TeasrObjective:
         if one.loss is not None:
             terms["e2e"] = one.loss
         if cfg.w_jump > 0:
-            terms["jump"] = mse(one.velocity, one.v_star, sigma_weight(one.sigma, cfg.sigma_weight_c))
+            terms["jump"] = mse(one.velocity, one.draw.v_star, one.draw.regression_weight(cfg.sigma_weight_c))
         if cfg.w_fm > 0:
             terms["fm"] = loss_fm(net, fm_x0, fm_cond, generator, cfg)
         if cfg.w_adv > 0 or cfg.w_rect > 0:
@@ -389,7 +404,7 @@ class TeasrObjective:
                 with torch.no_grad():
                     real_velocity = net(x_noised, cond, sigma_fake, sigma_fake)
                 terms["rect"] = loss_rect(one.velocity, fake_velocity, real_velocity, cfg.rect_clamp)
-        terms.update(self._pixel(one.sample, hr, one.sigma, generator))
+        terms.update(self._pixel(one.sample, hr, one.draw, generator))
         total = self.weighted(terms)
         backward(total)
         return total.detach(), {k: v.detach() for k, v in terms.items()}
@@ -432,10 +447,10 @@ class TeasrObjective:
         one = {}
         if cfg.w_e2e > 0:
             one["e2e"] = mse(velocity, rcgm_combine(velocity, displacement[id(d_e2e)], d_e2e, cfg.rcgm_dt),
-                             sigma_weight(d_e2e.sigma, cfg.sigma_weight_c))
+                             d_e2e.regression_weight(cfg.sigma_weight_c))
         if cfg.w_jump > 0:
-            one["jump"] = mse(velocity, d_e2e.v_star, sigma_weight(d_e2e.sigma, cfg.sigma_weight_c))
-        one.update(self._pixel(sample, hr, d_e2e.sigma, generator))
+            one["jump"] = mse(velocity, d_e2e.v_star, d_e2e.regression_weight(cfg.sigma_weight_c))
+        one.update(self._pixel(sample, hr, d_e2e, generator))
         if one:
             back(self.weighted(one))        # frees the decoder's and LPIPS's graphs
         terms.update(one)
